@@ -1,0 +1,102 @@
+"""Time one decoder-UNet forward (one sampling step) of ours against diffusers' UNet2DConditionModel.
+
+Full published config, random weights (shared between the two models), fp32 on CPU, batch 2 (one CFG step),
+``torch.inference_mode()``. Step-invariant conditioning is computed once outside the timed loop for ours (that is
+how the pipeline calls it) and reported on its own; diffusers recomputes it inside every forward.
+
+    PYTHONPATH=src python bench/unet_step.py --sizes 32 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from kandinsky.models.unet import DecoderUNet, UNetConfig
+
+PUBLISHED = dict(
+    in_channels=4, out_channels=8, block_out_channels=(384, 768, 1152, 1536), layers_per_block=3,
+    attention_head_dim=64, cross_attention_dim=768, encoder_hid_dim=1024, norm_num_groups=32, norm_eps=1e-5,
+    encoder_hid_dim_type="text_image_proj", addition_embed_type="text_image", resnet_time_scale_shift="scale_shift",
+    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", class_embed_type=None, sample_size=64,
+)
+
+
+def timed(fn) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def count_flops(config: UNetConfig, batch: int, size: int) -> int:
+    """FLOPs of our forward, counted on the meta device (no compute), attention matmuls included."""
+    with torch.device("meta"):
+        unet = DecoderUNet(config)
+        cond = unet.prepare_condition(torch.zeros(batch, 768), torch.zeros(batch, 768), torch.zeros(batch, 77, 1024))
+        sample = torch.zeros(batch, config.in_channels, size, size)
+        with FlopCounterMode(display=False) as counter:
+            unet(sample, torch.full((batch,), 500), cond)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sizes (image = 8x)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from diffusers import UNet2DConditionModel  # test/benchmark-time oracle only
+
+    t0 = time.perf_counter()
+    ref = UNet2DConditionModel(**PUBLISHED).eval().requires_grad_(False)
+    config = UNetConfig.from_dict(dict(ref.config))
+    with torch.device("meta"):
+        ours = DecoderUNet(config)
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # shares the weights, no copy
+    ours.eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"built models in {time.perf_counter() - t0:.1f}s: {n_params:,} parameters, {args.threads} threads, "
+          f"batch {args.batch}, fp32, torch {torch.__version__}")
+
+    b = args.batch
+    image, pooled, hidden = torch.randn(b, 768), torch.randn(b, 768), torch.randn(b, 77, 1024)
+    timestep = torch.full((b,), 500)
+    added = {"text_embeds": pooled, "image_embeds": image}
+    summary = []
+    with torch.inference_mode():
+        prep, cond = timed(lambda: ours.prepare_condition(image, pooled, hidden))
+        print(f"prepare_condition (once per sampling call): {prep * 1e3:.1f} ms")
+        for size in args.sizes:
+            x = torch.randn(b, 4, size, size)
+            t_ref_warm, out_ref = timed(lambda x=x: ref(x, timestep, hidden, added_cond_kwargs=added).sample)
+            t_ours_warm, out = timed(lambda x=x: ours(x, timestep, cond))
+            diff = (out - out_ref).abs().max().item()
+            ref_times, our_times = [], []
+            for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit both alike
+                ref_times.append(timed(lambda x=x: ref(x, timestep, hidden, added_cond_kwargs=added))[0])
+                our_times.append(timed(lambda x=x: ours(x, timestep, cond))[0])
+            t_ref, t_ours = statistics.median(ref_times), statistics.median(our_times)
+            flops = count_flops(config, b, size)
+            print(f"latent {size}x{size} (image {8 * size}px): diffusers {t_ref:.3f}s  ours {t_ours:.3f}s  "
+                  f"ratio {t_ours / t_ref:.3f}  | {flops / 1e9:.0f} GFLOP, ours {flops / t_ours / 1e9:.0f} GFLOP/s, "
+                  f"diffusers {flops / t_ref / 1e9:.0f} GFLOP/s  | first call: diffusers {t_ref_warm:.2f}s, ours "
+                  f"{t_ours_warm:.2f}s (incl. weight packing)  | max|diff| {diff:.1e}")
+            print(f"    runs diffusers {[round(t, 3) for t in ref_times]}  ours {[round(t, 3) for t in our_times]}")
+            summary.append(f"{size}x{size}: {t_ours / t_ref:.2f}x")
+    print("summary (ours/diffusers per forward, lower is better): " + ", ".join(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Samplers: short functions of a denoiser, independent of any model.
+
+A denoiser is ``denoiser(x_t, t) -> output``: for the decoder the (already guided) UNet output, whose first
+``x.shape[1]`` channels are epsilon and whose optional remaining channels are the learned-range variance value;
+for the prior the predicted clean sample x0. Every sampler takes the timesteps it walks (descending) and returns
+the final sample. ``callback(i, t, x)`` is called after each step. Noise is drawn exactly as diffusers'
+``randn_tensor`` does, so a ``torch.Generator`` gives the same stream here and there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .schedules import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None] | None
+
+SAMPLERS = ("ddim", "ddpm", "p_sampler", "dpmpp_2m")
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype,
+          device: torch.device | str) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved (diffusers ``randn_tensor``)."""
+    draw_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=draw_device).to(device)
+
+
+def _alpha(schedule: NoiseSchedule, t: int, fallback: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """ᾱ_t as a 0-d float32 tensor, or ``fallback`` for t < 0."""
+    if t >= 0:
+        return schedule.alphas_cumprod[t]
+    return fallback if isinstance(fallback, torch.Tensor) else torch.tensor(fallback)
+
+
+def _split(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if out.shape[1] == 2 * channels:
+        return out[:, :channels], out[:, channels:]
+    return out[:, :channels], None
+
+
+def _posterior(x0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor, beta: torch.Tensor,
+               alpha: torch.Tensor) -> torch.Tensor:
+    """Mean of q(x_prev | x_t, x0) for a (possibly respaced) step with step-beta ``beta`` = 1 - ``alpha``."""
+    return (a_prev**0.5 * beta) / (1 - a) * x0 + alpha**0.5 * (1 - a_prev) / (1 - a) * x
+
+
+def _learned_log_variance(v: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor,
+                          beta: torch.Tensor) -> torch.Tensor:
+    """Interpolate log-variance between β̃ (frac 0) and β (frac 1) with frac = (v + 1) / 2."""
+    posterior = torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20)
+    frac = (v + 1) / 2
+    return frac * torch.log(beta) + (1 - frac) * torch.log(posterior)
+
+
+def ddim(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+         final_alpha_cumprod: torch.Tensor | None = None, callback: Callback = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0), as diffusers' DDIMScheduler; the last step goes to ``final_alpha_cumprod``
+    (ᾱ_0 with ``set_alpha_to_one=False``, the published config)."""
+    final = schedule.alphas_cumprod[0] if final_alpha_cumprod is None else final_alpha_cumprod
+    channels = x.shape[1]
+    for i, t in enumerate(timesteps):
+        eps, _ = _split(denoiser(x, t), channels)
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a, a_prev = schedule.alphas_cumprod[t], _alpha(schedule, prev, final)
+        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - 0.0) ** 0.5 * eps
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _threshold_per_row(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen) with a per-row quantile clamped to [1, max_value], computed in fp32."""
+    dtype, shape = x0.dtype, x0.shape
+    flat = x0.float().reshape(shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
+
+
+def ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+         generator: torch.Generator | None = None, thresholding: bool = True, threshold_ratio: float = 0.995,
+         sample_max_value: float = 2.0, callback: Callback = None) -> torch.Tensor:
+    """Ancestral DDPM with learned-range variance, as diffusers' DDPMScheduler with the ``ddpm_scheduler``
+    config of kandinsky-2-1 (per-row dynamic thresholding, no pre-clamp, no noise at t = 0)."""
+    channels = x.shape[1]
+    for i, t in enumerate(timesteps):
+        eps, v = _split(denoiser(x, t), channels)
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a, a_prev = schedule.alphas_cumprod[t], _alpha(schedule, prev)
+        alpha = a / a_prev
+        beta = 1 - alpha
+        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+        if thresholding:
+            x0 = _threshold_per_row(x0, threshold_ratio, sample_max_value)
+        mean = _posterior(x0, x, a, a_prev, beta, alpha)
+        if t > 0:
+            noise = randn(eps.shape, generator, eps.dtype, eps.device)
+            if v is None:
+                log_var = torch.log(torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20))
+            else:
+                log_var = _learned_log_variance(v, a, a_prev, beta)
+            mean = mean + torch.exp(0.5 * log_var) * noise
+        x = mean
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def p_sampler(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+              generator: torch.Generator | None = None, clamp: float = 2.0, percentile: float = 0.995,
+              known: tuple[torch.Tensor, torch.Tensor] | None = None, callback: Callback = None) -> torch.Tensor:
+    """The original repository's decoder sampler: respaced ancestral DDPM with learned-range variance.
+
+    x̂0 is clamped to ±``clamp``, then (inpainting) the known region is pasted from ``known = (z_init, keep)``,
+    then thresholded by the ``percentile`` of batch row 0's |x̂0| (at least 1). Noise is drawn at every step,
+    including the last, where it is not used.
+    """
+    channels = x.shape[1]
+    for i, t in enumerate(timesteps):
+        eps, v = _split(denoiser(x, t), channels)
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a, a_prev = schedule.alphas_cumprod[t], _alpha(schedule, prev)
+        alpha = a / a_prev
+        beta = 1 - alpha
+        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-clamp, clamp)
+        if known is not None:
+            z_init, keep = known
+            x0 = x0 * (1 - keep) + z_init * keep
+        s = torch.quantile(x0[0].float().abs().flatten(), percentile).clamp(min=1).to(x0.dtype)
+        x0 = x0.clamp(-s, s) / s
+        mean = _posterior(x0, x, a, a_prev, beta, alpha)
+        noise = randn(eps.shape, generator, torch.float32, eps.device).to(eps.dtype)
+        if t > 0:
+            if v is None:
+                log_var = torch.log(torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20))
+            else:
+                log_var = _learned_log_variance(v, a, a_prev, beta)
+            mean = mean + torch.exp(0.5 * log_var) * noise
+        x = mean
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+             callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) on the discrete VP schedule with an epsilon model.
+
+    Deterministic; the final step goes to sigma = 0, i.e. returns the last clean-sample estimate.
+    """
+    channels = x.shape[1]
+    ac = schedule.alphas_cumprod.double()
+    old_x0: torch.Tensor | None = None
+    h_last: float | None = None
+    for i, t in enumerate(timesteps):
+        eps, _ = _split(denoiser(x, t), channels)
+        alpha, sigma = ac[t].sqrt().item(), (1 - ac[t]).sqrt().item()
+        x0 = (x - sigma * eps) / alpha
+        if i + 1 == len(timesteps):
+            x = x0
+        else:
+            nxt = timesteps[i + 1]
+            alpha_n, sigma_n = ac[nxt].sqrt().item(), (1 - ac[nxt]).sqrt().item()
+            h = (torch.tensor(alpha_n / sigma_n).log() - torch.tensor(alpha / sigma).log()).item()
+            d = x0
+            if old_x0 is not None and h_last is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+            x = (sigma_n / sigma) * x - alpha_n * torch.expm1(torch.tensor(-h)).item() * d
+            old_x0, h_last = x0, h
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def unclip(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+           generator: torch.Generator | None = None, clip_range: float = 10.0,
+           callback: Callback = None) -> torch.Tensor:
+    """The prior's ancestral sampler, as diffusers' UnCLIPScheduler (x0-prediction, fixed-small-log variance,
+    x̂0 clamped to ±``clip_range``, no noise at t = 0)."""
+    one = torch.tensor(1.0)
+    for i, t in enumerate(timesteps):
+        x0 = denoiser(x, t)
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else t - 1
+        a, a_prev = schedule.alphas_cumprod[t], _alpha(schedule, prev, one)
+        if prev == t - 1:
+            beta, alpha = schedule.betas[t], 1 - schedule.betas[t]
+        else:
+            beta = 1 - a / a_prev
+            alpha = 1 - beta
+        x0 = torch.clamp(x0, -clip_range, clip_range)
+        mean = _posterior(x0, x, a, a_prev, beta, alpha)
+        if t > 0:
+            noise = randn(x0.shape, generator, x0.dtype, x0.device)
+            sigma = torch.exp(0.5 * torch.log(torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20)))
+            mean = mean + sigma * noise
+        x = mean
+        if callback is not None:
+            callback(i, t, x)
+    return x

@@ -1,0 +1,350 @@
+"""MoVQ: the VQGAN-style image autoencoder of Kandinsky 2.1 (f = 8, 4 latent channels).
+
+The decoder uses SpatialNorm (MoVQ, arXiv 2209.09002): every normalisation is modulated by the latent itself.
+Module and parameter names follow diffusers' ``VQModel`` so its state dict loads with ``strict=True``.
+At inference the codebook is skipped in both directions (``encode`` is continuous, ``decode`` takes the
+continuous latent), as in both upstreams; ``quantize`` is there for training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kandinsky.models.common import config_value
+
+_DOWN_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
+_UP_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
+_EPS = 1e-6
+
+
+@dataclass
+class MoVQConfig:
+    """Architecture of the MoVQ autoencoder; defaults are the published Kandinsky 2.1 ``movq/config.json``."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3
+    layers_per_block: int = 2
+    norm_num_groups: int = 32  # encoder GroupNorms only; the decoder's SpatialNorms always use 32 groups
+    num_vq_embeddings: int = 16384
+    vq_embed_dim: int = 4
+    scaling_factor: float = 0.18215  # recorded for completeness; Kandinsky never scales its latents
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+        n = len(self.block_out_channels)
+        for key, types, allowed in (("down_block_types", self.down_block_types, _DOWN_TYPES),
+                                    ("up_block_types", self.up_block_types, _UP_TYPES)):
+            if len(types) != n:
+                raise ValueError(f"movq config: {key} has {len(types)} entries, block_out_channels has {n}")
+            for t in types:
+                if t not in allowed:
+                    raise ValueError(f"movq config has {key} entry {t!r}; supported: {list(allowed)}")
+        if self.vq_embed_dim != self.latent_channels:
+            raise ValueError(f"movq config: vq_embed_dim={self.vq_embed_dim} must equal latent_channels="
+                             f"{self.latent_channels} (SpatialNorm is conditioned on the latent)")
+
+    @property
+    def downscale_factor(self) -> int:
+        """Pixel size of one latent cell (8 for the published model)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MoVQConfig:
+        """Build from a diffusers ``movq/config.json`` dict, rejecting options Kandinsky 2.1 does not use."""
+        c = cls()
+        v = lambda key, default, allowed=None: config_value(d, key, default, allowed, component="movq")  # noqa: E731
+        v("_class_name", "VQModel", ["VQModel"])
+        v("norm_type", "group", ["spatial"])
+        v("act_fn", "silu", ["silu"])
+        v("lookup_from_codebook", False, [False])
+        v("mid_block_add_attention", True, [True])
+        vq_embed_dim = v("vq_embed_dim", None)
+        latent_channels = v("latent_channels", c.latent_channels)
+        return cls(
+            in_channels=v("in_channels", c.in_channels),
+            out_channels=v("out_channels", c.out_channels),
+            latent_channels=latent_channels,
+            block_out_channels=tuple(v("block_out_channels", c.block_out_channels)),
+            down_block_types=tuple(v("down_block_types", c.down_block_types)),
+            up_block_types=tuple(v("up_block_types", c.up_block_types)),
+            layers_per_block=v("layers_per_block", c.layers_per_block),
+            norm_num_groups=v("norm_num_groups", c.norm_num_groups),
+            num_vq_embeddings=v("num_vq_embeddings", c.num_vq_embeddings),
+            vq_embed_dim=latent_channels if vq_embed_dim is None else vq_embed_dim,
+            scaling_factor=v("scaling_factor", c.scaling_factor),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks; each takes (x, zq), zq = the latent conditioning SpatialNorm (None in the encoder)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with the SpatialNorm call signature (the condition is ignored)."""
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class SpatialNorm(nn.Module):
+    """GN_32(f) * conv_y(zq') + conv_b(zq'), zq' = nearest resize of the latent to f's size."""
+
+    def __init__(self, channels: int, zq_channels: int):
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(32, channels, eps=_EPS)
+        self.conv_y = nn.Conv2d(zq_channels, channels, 1)
+        self.conv_b = nn.Conv2d(zq_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        if zq.shape[-2:] != x.shape[-2:]:
+            zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
+        return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+
+
+def _norm(channels: int, groups: int, zq_channels: int | None) -> nn.Module:
+    return SpatialNorm(channels, zq_channels) if zq_channels else GroupNorm(groups, channels, eps=_EPS)
+
+
+class ResBlock(nn.Module):
+    """x + conv2(SiLU(N2(conv1(SiLU(N1(x)))))), with a 1x1 shortcut when the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int, zq_channels: int | None):
+        super().__init__()
+        self.norm1 = _norm(c_in, groups, zq_channels)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = _norm(c_out, groups, zq_channels)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x, zq)))
+        h = self.conv2(F.silu(self.norm2(h, zq)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions (scale 1/sqrt(C)), pre-norm, residual."""
+
+    def __init__(self, channels: int, groups: int, zq_channels: int | None):
+        super().__init__()
+        # diffusers names the norm after its kind; exactly one of the two exists
+        self.group_norm = None if zq_channels else GroupNorm(groups, channels, eps=_EPS)
+        self.spatial_norm = SpatialNorm(channels, zq_channels) if zq_channels else None
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # GroupNorm on the (B, C, HW) view and ``out + x`` below keep diffusers' memory layouts (bit parity)
+        if self.spatial_norm is not None:
+            t = self.spatial_norm(x, zq).flatten(2)
+        else:
+            t = self.group_norm(x.flatten(2))
+        t = t.transpose(1, 2)  # (B, HW, C)
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
+        out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by one, then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """One resolution level: ResBlocks (each optionally followed by attention), then an optional resample."""
+
+    def __init__(self, c_in: int, c_out: int, n_layers: int, attn: bool, resample: str | None, groups: int,
+                 zq_channels: int | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResBlock(c_in if i == 0 else c_out, c_out, groups, zq_channels) for i in range(n_layers))
+        self.attentions = nn.ModuleList(
+            AttnBlock(c_out, groups, zq_channels) for _ in range(n_layers)) if attn else None
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample(c_out)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample(c_out)])
+        self.resample = resample
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, zq)
+            if self.attentions is not None:
+                x = self.attentions[i](x, zq)
+        if self.resample == "down":
+            x = self.downsamplers[0](x)
+        elif self.resample == "up":
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResBlock, attention, ResBlock at constant width."""
+
+    def __init__(self, channels: int, groups: int, zq_channels: int | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResBlock(channels, channels, groups, zq_channels) for _ in range(2))
+        self.attentions = nn.ModuleList([AttnBlock(channels, groups, zq_channels)])
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.resnets[0](x, zq)
+        x = self.attentions[0](x, zq)
+        return self.resnets[1](x, zq)
+
+
+class Encoder(nn.Module):
+    """Image (B, in, H, W) -> features (B, latent, H/f, W/f) before ``quant_conv``."""
+
+    def __init__(self, cfg: MoVQConfig):
+        super().__init__()
+        ch, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, t == "AttnDownEncoderBlock2D",
+                  "down" if i < len(ch) - 1 else None, g, None)
+            for i, t in enumerate(cfg.down_block_types))
+        self.mid_block = MidBlock(ch[-1], g, None)
+        self.conv_norm_out = GroupNorm(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """(post_quant_conv(z), z) -> image; every norm is a SpatialNorm conditioned on z."""
+
+    def __init__(self, cfg: MoVQConfig):
+        super().__init__()
+        ch, zc = tuple(reversed(cfg.block_out_channels)), cfg.latent_channels
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], 32, zc)
+        self.up_blocks = nn.ModuleList(
+            Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, t == "AttnUpDecoderBlock2D",
+                  "up" if i < len(ch) - 1 else None, 32, zc)
+            for i, t in enumerate(cfg.up_block_types))
+        self.conv_norm_out = SpatialNorm(ch[-1], zc)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(x), zq)
+        for block in self.up_blocks:
+            x = block(x, zq)
+        return self.conv_out(F.silu(self.conv_norm_out(x, zq)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vector quantiser (training only)
+
+
+class Quantized(NamedTuple):
+    """Output of ``MoVQ.quantize``.
+
+    ``z_q`` carries straight-through gradients to ``z``; ``codebook_loss`` = mean((e - sg[z])^2) trains the
+    codebook, ``commitment_loss`` = mean((sg[e] - z)^2) trains the encoder. Both are unweighted: the
+    taming/diffusers ("legacy") VQ loss is ``commitment_loss + 0.25 * codebook_loss``; the VQ-VAE paper's is
+    ``codebook_loss + 0.25 * commitment_loss``.
+    """
+
+    z_q: torch.Tensor  # (B, C, H, W)
+    indices: torch.Tensor  # (B, H, W) int64
+    codebook_loss: torch.Tensor  # scalar
+    commitment_loss: torch.Tensor  # scalar
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook lookup (Euclidean) with a straight-through estimator."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_embeddings, dim)
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        b, c, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, c)
+        e = self.embedding.weight
+        # argmin ||z - e||^2 = argmin (||e||^2 - 2 z.e); distances in fp32 whatever the model dtype
+        dist = e.float().square().sum(1)[None, :] - 2.0 * flat.detach().float() @ e.float().t()
+        indices = dist.argmin(1)
+        z_q = self.embedding(indices).view(b, h, w, c).permute(0, 3, 1, 2)
+        codebook_loss = F.mse_loss(z_q, z.detach())
+        commitment_loss = F.mse_loss(z, z_q.detach())
+        z_q = z + (z_q - z).detach()
+        return Quantized(z_q, indices.view(b, h, w), codebook_loss, commitment_loss)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors for (B, H, W) indices, as a (B, C, H, W) latent."""
+        return self.embedding(indices).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MoVQ(nn.Module):
+    """MoVQ autoencoder; ``state_dict`` matches diffusers ``VQModel`` key for key.
+
+    ``encode``: x in [-1, 1] (B, 3, H, W) -> continuous latent (B, 4, H/8, W/8), neither quantised nor scaled.
+    ``decode``: latent -> image in about [-1, 1] (diffusers ``force_not_quantize=True``).
+    ``quantize(z)``: nearest-codebook lookup for training (see ``Quantized``).
+    """
+
+    def __init__(self, config: MoVQConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or MoVQConfig()
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.vq_embed_dim, 1)
+        self.quantize = VectorQuantizer(cfg.num_vq_embeddings, cfg.vq_embed_dim)
+        self.post_quant_conv = nn.Conv2d(cfg.vq_embed_dim, cfg.latent_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, in, H, W) in [-1, 1] -> latent (B, C, H/f, W/f); H, W should be multiples of f."""
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, C, h, w) -> image (B, out, h*f, w*f); z also conditions every SpatialNorm."""
+        return self.decoder(self.post_quant_conv(z), z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous reconstruction ``decode(encode(x))``."""
+        return self.decode(self.encode(x))

@@ -1,0 +1,121 @@
+"""Reading weight files safely, and filling modules from state dicts with errors that name the keys."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".th")
+
+
+def read_json(path: Path) -> dict:
+    """Load a JSON file, with an error that names the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors from ``.safetensors`` (memory-mapped) or a pickle-based file (``weights_only`` only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{path} needs arbitrary code to unpickle and was refused ({exc}). Convert it to safetensors "
+                "in an environment you trust, e.g. `kandinsky convert SRC DST --to safetensors`."
+            ) from exc
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path} is truncated or corrupt: {exc}") from exc
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{path} does not hold a flat state dict of tensors")
+        return dict(obj)
+    raise ValueError(f"unsupported weights file type {path.suffix!r} ({path}); use .safetensors or .bin")
+
+
+def find_weights(folder: Path, stems: Iterable[str]) -> Path:
+    """The weights file in ``folder``: ``<stem>.safetensors`` preferred over ``<stem>.bin``."""
+    folder = Path(folder)
+    stems = list(stems)
+    for suffix in (".safetensors", ".bin"):
+        for stem in stems:
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    names = ", ".join(f"{s}.safetensors / {s}.bin" for s in stems)
+    raise FileNotFoundError(f"no weights in {folder} (looked for {names})")
+
+
+def fill_module(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+                ignore: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """Load ``state`` into ``module`` (possibly built on the meta device) strictly.
+
+    Keys for which ``ignore(key)`` is true are dropped first. Missing or unexpected keys, and shape
+    mismatches, raise a ValueError naming them and ``source``. Floating tensors are cast to ``dtype``.
+    Non-persistent index buffers left on the meta device (``position_ids``, ``token_type_ids``) are rebuilt.
+    """
+    state = {k: v for k, v in state.items() if not (ignore and ignore(k))}
+    expected = module.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise ValueError(f"{source} does not match the model config: " + "; ".join(parts))
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+           for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ValueError(f"{source} has tensors of the wrong shape: {_few(bad)}")
+    converted = {}
+    for k, v in state.items():
+        target = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
+        converted[k] = v.to(device=device, dtype=target)
+    module.load_state_dict(converted, strict=True, assign=True)
+    _materialise_index_buffers(module, device)
+    return module.eval().requires_grad_(False)
+
+
+def _materialise_index_buffers(module: nn.Module, device: torch.device | str) -> None:
+    for owner in module.modules():
+        for name, buf in list(owner.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name == "position_ids":
+                value = torch.arange(buf.shape[-1], device=device).expand(buf.shape).clone()
+            elif name == "token_type_ids":
+                value = torch.zeros(buf.shape, dtype=torch.long, device=device)
+            else:
+                raise RuntimeError(f"buffer {name!r} of {type(owner).__name__} was never initialised")
+            owner.register_buffer(name, value, persistent=False)
+
+
+def _few(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
