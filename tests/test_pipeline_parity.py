@@ -84,9 +84,8 @@ def test_text_to_image_negative_prompt_and_batch(ours, decoder_pipe, prior_pipe)
 
 
 def test_text_to_image_ddpm(ours, decoder_pipe, prior_pipe):
-    from diffusers import KandinskyPipeline
-
     import tiny
+    from diffusers import KandinskyPipeline
 
     base = decoder_pipe[0]
     pipe = KandinskyPipeline(text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,

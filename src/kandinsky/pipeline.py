@@ -187,9 +187,11 @@ class Kandinsky21:
         generator, _ = self.make_generator(seed, generator)
         negatives = None if negative_prompt is None else _prompt_list(negative_prompt, "negative_prompt")
         if negatives is not None:
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; "
-                                 "give one negative per prompt (or a single string for a single prompt)")
+                                 "give one negative per prompt, or a single one for all")
             rows, uncond = prompts + negatives, negatives + negatives
         else:
             rows, uncond = prompts, [""] * len(prompts)

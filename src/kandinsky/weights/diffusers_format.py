@@ -138,8 +138,9 @@ def load_prior(folder: str | Path, *, device: torch.device | str = "cpu",
 
     folder = Path(folder)
     read_model_index(folder, PRIOR_CLASSES, "prior")
-    prior = _load_component(_build(PriorTransformer, PriorConfig.from_dict(read_json(folder / "prior" / "config.json"))),
-                            folder / "prior", DIFFUSERS_WEIGHTS, dtype=dtype, device=device)
+    prior_cfg = PriorConfig.from_dict(read_json(folder / "prior" / "config.json"))
+    prior = _load_component(_build(PriorTransformer, prior_cfg), folder / "prior", DIFFUSERS_WEIGHTS,
+                            dtype=dtype, device=device)
     text_encoder = _load_component(_build(build_clip_text, read_json(folder / "text_encoder" / "config.json")),
                                    folder / "text_encoder", TRANSFORMERS_WEIGHTS, dtype=dtype, device=device,
                                    ignore=_ignore_hf_extras)

@@ -1,0 +1,149 @@
+"""Schedules and samplers against the published reference values and diffusers' schedulers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kandinsky.diffusion import samplers
+from kandinsky.diffusion.schedules import (
+    NoiseSchedule,
+    decoder_schedule,
+    img2img_noise_schedule,
+    karras_timesteps,
+    leading_timesteps,
+    linspace_timesteps,
+    prior_schedule,
+    spaced_timesteps,
+)
+
+
+def test_reference_values():
+    ac = decoder_schedule().alphas_cumprod
+    assert ac[0].item() == pytest.approx(0.99915, abs=1e-6)
+    assert ac[299].item() == pytest.approx(0.46923, abs=1e-5)
+    assert ac[999].item() == pytest.approx(0.0015790, abs=1e-6)
+    assert img2img_noise_schedule().alphas_cumprod[299].item() == pytest.approx(0.3964, abs=1e-4)
+
+
+def test_timestep_sets():
+    assert leading_timesteps(100, offset=1)[:3] == [991, 981, 971] and leading_timesteps(100, offset=1)[-1] == 1
+    assert spaced_timesteps(25)[:4] == [999, 957, 916, 874] and spaced_timesteps(25)[-2:] == [42, 0]
+    assert spaced_timesteps(5) == [999, 749, 500, 250, 0]
+    assert spaced_timesteps(1) == [0]
+    assert linspace_timesteps(4) == [999, 666, 333, 0]
+    ks = karras_timesteps(10, decoder_schedule())
+    assert ks == sorted(ks, reverse=True) and len(set(ks)) == len(ks) and ks[0] == 999
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1001, 2.5, "10", True])
+def test_bad_steps(bad):
+    with pytest.raises(ValueError, match="steps"):
+        leading_timesteps(bad)
+
+
+def test_schedules_match_diffusers():
+    from diffusers import DDIMScheduler, UnCLIPScheduler
+
+    d = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012)
+    assert torch.equal(decoder_schedule().alphas_cumprod, d.alphas_cumprod)
+    u = UnCLIPScheduler()
+    assert torch.equal(prior_schedule().alphas_cumprod, u.alphas_cumprod)
+    assert torch.equal(prior_schedule().betas, u.betas)
+
+
+def _toy_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+    """A deterministic stand-in denoiser with learned-range variance channels."""
+    eps = torch.tanh(x * 0.7 + t / 1000.0)
+    return torch.cat([eps, torch.tanh(x * 0.3)], dim=1)
+
+
+def test_ddim_and_ddpm_bitwise_like_diffusers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ddim = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+                         steps_offset=1, clip_sample=False)
+    ddim.set_timesteps(20)
+    x = x0.clone()
+    for t in ddim.timesteps:
+        x = ddim.step(_toy_eps(x, int(t))[:, :4], t, x).prev_sample
+    ours = samplers.ddim(_toy_eps, x0.clone(), decoder_schedule(), leading_timesteps(20, offset=1))
+    assert torch.equal(ours, x)
+
+    ddpm = DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, variance_type="learned_range",
+                         thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=2.0,
+                         clip_sample=False)
+    ddpm.set_timesteps(15)
+    g = torch.Generator().manual_seed(1)
+    x = x0.clone()
+    for t in ddpm.timesteps:
+        x = ddpm.step(_toy_eps(x, int(t)), t, x, generator=g).prev_sample
+    ours = samplers.ddpm(_toy_eps, x0.clone(), decoder_schedule(), leading_timesteps(15),
+                         generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(ours, x, atol=1e-6, rtol=0)
+
+
+def test_unclip_matches_diffusers():
+    from diffusers import UnCLIPScheduler
+
+    sched = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample=True,
+                            clip_sample_range=10.0)
+    sched.set_timesteps(7)
+
+    def model(x, t):
+        return torch.sin(x * 3) * 4 + t / 300.0
+
+    x0 = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(5)
+    x = x0.clone()
+    ts = sched.timesteps
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else None
+        x = sched.step(model(x, int(t)), t, x, prev_timestep=prev, generator=g).prev_sample
+    ours = samplers.unclip(model, x0.clone(), prior_schedule(), spaced_timesteps(7),
+                           generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(ours, x, atol=1e-6, rtol=0)
+
+
+def test_p_sampler_clamps_thresholds_and_pastes():
+    schedule = decoder_schedule()
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3)) * 3
+    z_init = torch.full((2, 4, 6, 6), 0.5)
+    keep = torch.zeros(2, 1, 6, 6)
+    keep[..., :3] = 1
+    seen = []
+
+    def denoiser(x_t, t):
+        seen.append(t)
+        return torch.cat([torch.zeros_like(x_t), torch.zeros_like(x_t)], dim=1)
+
+    out = samplers.p_sampler(denoiser, x, schedule, spaced_timesteps(5), generator=torch.Generator().manual_seed(0),
+                             known=(z_init, keep))
+    assert seen == [999, 749, 500, 250, 0]
+    # with ε = 0 the last step returns the pasted x̂0 divided by the row-0 threshold s >= 1
+    kept = out[..., :3]
+    assert torch.allclose(kept, kept.flatten()[0].expand_as(kept)) and 0 < kept.flatten()[0] <= 0.5
+    assert out.abs().max() <= 1.0 + 1e-6
+
+
+def test_dpmpp_2m_recovers_known_x0():
+    """With an oracle ε for a fixed x0, DPM-Solver++ lands on x0 exactly."""
+    schedule = decoder_schedule()
+    target = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    ac = schedule.alphas_cumprod
+
+    def oracle(x, t):
+        return (x - ac[t].sqrt() * target) / (1 - ac[t]).sqrt()
+
+    x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(6))
+    out = samplers.dpmpp_2m(oracle, x * (1 - ac[999]).sqrt() + ac[999].sqrt() * target, schedule,
+                            linspace_timesteps(8))
+    assert torch.allclose(out, target, atol=1e-4)
+
+
+def test_add_noise_matches_formula():
+    s = NoiseSchedule.linear(0.0001, 0.02)
+    x0, noise = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    out = s.add_noise(x0, noise, torch.tensor([0, 298]))
+    assert out[1].mean().item() == pytest.approx(s.alphas_cumprod[298].sqrt().item(), rel=1e-6)
