@@ -35,6 +35,13 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def timed_both(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds). On a shared VM the CPU time is the steadier of the two."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def count_flops(config: UNetConfig, batch: int, size: int) -> int:
     """FLOPs of our forward, counted on the meta device (no compute), attention matmuls included."""
     with torch.device("meta"):
@@ -83,19 +90,23 @@ def main() -> None:
             t_ref_warm, out_ref = timed(lambda x=x: ref(x, timestep, hidden, added_cond_kwargs=added).sample)
             t_ours_warm, out = timed(lambda x=x: ours(x, timestep, cond))
             diff = (out - out_ref).abs().max().item()
-            ref_times, our_times = [], []
+            ref_runs, our_runs = [], []
             for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit both alike
-                ref_times.append(timed(lambda x=x: ref(x, timestep, hidden, added_cond_kwargs=added))[0])
-                our_times.append(timed(lambda x=x: ours(x, timestep, cond))[0])
+                ref_runs.append(timed_both(lambda x=x: ref(x, timestep, hidden, added_cond_kwargs=added)))
+                our_runs.append(timed_both(lambda x=x: ours(x, timestep, cond)))
+            ref_times, our_times = [r[0] for r in ref_runs], [r[0] for r in our_runs]
             t_ref, t_ours = statistics.median(ref_times), statistics.median(our_times)
+            c_ref, c_ours = statistics.median(r[1] for r in ref_runs), statistics.median(r[1] for r in our_runs)
             flops = count_flops(config, b, size)
-            print(f"latent {size}x{size} (image {8 * size}px): diffusers {t_ref:.3f}s  ours {t_ours:.3f}s  "
-                  f"ratio {t_ours / t_ref:.3f}  | {flops / 1e9:.0f} GFLOP, ours {flops / t_ours / 1e9:.0f} GFLOP/s, "
-                  f"diffusers {flops / t_ref / 1e9:.0f} GFLOP/s  | first call: diffusers {t_ref_warm:.2f}s, ours "
-                  f"{t_ours_warm:.2f}s (incl. weight packing)  | max|diff| {diff:.1e}")
-            print(f"    runs diffusers {[round(t, 3) for t in ref_times]}  ours {[round(t, 3) for t in our_times]}")
-            summary.append(f"{size}x{size}: {t_ours / t_ref:.2f}x")
-    print("summary (ours/diffusers per forward, lower is better): " + ", ".join(summary))
+            print(f"latent {size}x{size} (image {8 * size}px), median of {args.repeats}: diffusers {t_ref:.3f}s, "
+                  f"ours {t_ours:.3f}s, ratio {t_ours / t_ref:.3f} (best-of {min(our_times) / min(ref_times):.3f}; "
+                  f"CPU time {c_ours:.2f}s vs {c_ref:.2f}s, ratio {c_ours / c_ref:.3f})")
+            print(f"    {flops / 1e9:.0f} GFLOP per forward: ours {flops / t_ours / 1e9:.0f} GFLOP/s, diffusers "
+                  f"{flops / t_ref / 1e9:.0f} GFLOP/s | first call: diffusers {t_ref_warm:.2f}s, ours "
+                  f"{t_ours_warm:.2f}s (packs the conv weights) | max|ours - diffusers| {diff:.1e}")
+            print(f"    wall: diffusers {[round(t, 2) for t in ref_times]}, ours {[round(t, 2) for t in our_times]}")
+            summary.append(f"{size}x{size} {t_ours / t_ref:.2f}x ({t_ours:.2f}s vs {t_ref:.2f}s)")
+    print(f"summary, {args.threads} threads, ours/diffusers per forward (lower is better): " + ", ".join(summary))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,15 @@ def test_missing_component(decoder_pipe, prior_pipe):
         only_decoder.inpaint(IMG, IMG.convert("L"), "x", **SMALL)
     with pytest.raises(ValueError, match="needs the prior model"):
         only_decoder.prior_embeds("x")
+
+
+def test_progress_reporting(ours):
+    seen = []
+    ours.set_progress(lambda stage, done, total: seen.append((stage, done, total)))
+    try:
+        ours.text_to_image("a red circle", **SMALL, seed=0)
+    finally:
+        ours.set_progress(False)
+    assert seen == [("prior", 1, 2), ("prior", 2, 2), ("decoder", 1, 2), ("decoder", 2, 2)]
+    with pytest.raises(ValueError, match="progress must be"):
+        ours.set_progress("loud")

@@ -185,3 +185,16 @@ def test_pil_output_and_metadata(ours, prior_pipe):
     assert images[0].info["kandinsky"]["seed"] == 11
     again = ours.text_to_image("a red circle", **kwargs)
     assert np.array_equal(np.asarray(images[1]), np.asarray(again[1]))
+
+
+def test_non_square_img2img_and_inpaint(ours, prior_pipe):
+    """diffusers swaps height and width in img2img (non-square fails there); ours keeps them apart."""
+    emb, neg = _embeds(prior_pipe, 0)
+    img = sample_image(1, 128, 64)
+    out = ours.img2img(img, "x", image_embeds=emb, negative_image_embeds=neg, steps=4, seed=0, output="np")
+    assert out.shape == (1, 64, 128, 3)
+    mask = PIL.Image.new("L", (128, 64), 0)
+    mask.paste(255, (10, 10, 50, 40))
+    out = ours.inpaint(img, mask, "x", image_embeds=emb, negative_image_embeds=neg, steps=3, seed=0, num_images=2,
+                       output="np")
+    assert out.shape == (2, 64, 128, 3)

@@ -49,6 +49,25 @@ class Embeds:
         return iter((self.image, self.negative))
 
 
+class TqdmProgress:
+    """One tqdm bar per sampling loop (``prior``, ``decoder``), closed when the loop completes."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None or done == 1:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = tqdm(total=total, desc=stage, unit="step", leave=False, dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self._bar.close()
+            self._bar = None
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` picks CUDA, then MPS, then CPU; anything else must be available."""
     if str(device) == "auto":
@@ -88,9 +107,25 @@ class Kandinsky21:
     @classmethod
     def from_pretrained(cls, decoder: str | Path | None = None, prior: str | Path | None = None,
                         inpaint: str | Path | None = None, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = "float32") -> Kandinsky21:
-        """Load diffusers-format folders; with no folder at all, the bundled model."""
-        dev, dt = resolve_device(device), resolve_dtype(dtype)
+                        dtype: str | torch.dtype | None = None, *, original: str | Path | None = None,
+                        **original_files: Any) -> Kandinsky21:
+        """Load diffusers-format folders; with no folder at all, the bundled model.
+
+        ``original=DIR`` loads the ai-forever release files instead (see
+        :func:`kandinsky.weights.original_format.load_original`; single files may be given as keywords such as
+        ``clip=``, ``movq=``, ``clip_tokenizer=``). ``dtype`` None means float32, except for the fp16 original
+        files on CUDA, which stay fp16.
+        """
+        dev = resolve_device(device)
+        if original is not None or original_files:
+            if decoder is not None or prior is not None or inpaint is not None:
+                raise ValueError("give either original=DIR or decoder/prior/inpaint folders, not both")
+            from .weights.original_format import auto_dtype, load_original
+
+            dt = auto_dtype(dev, dtype)
+            dec, pri, inp = load_original(original, device=dev, dtype=dt, **original_files)
+            return cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt)
+        dt = resolve_dtype(dtype if dtype is not None else "float32")
         if decoder is None and prior is None and inpaint is None:
             decoder, prior = ASSETS / "decoder", ASSETS / "prior"
             inpaint = ASSETS / "inpaint" if (ASSETS / "inpaint").is_dir() else None
@@ -412,6 +447,18 @@ class Kandinsky21:
                 d, x, schedule, ts, generator=generator, known=known, callback=progress)
         return linspace_timesteps(steps, total), schedule, lambda d, x, ts, known: samplers.dpmpp_2m(
             d, x, schedule, ts, callback=progress)
+
+    def set_progress(self, progress: bool | Callable[[str, int, int], None]) -> None:
+        """Report sampling progress: ``True`` for tqdm bars on stderr, a callable ``(stage, done, total)``,
+        or ``False`` for none (the default)."""
+        if progress is True:
+            self.progress = TqdmProgress()
+        elif progress is False or progress is None:
+            self.progress = None
+        elif callable(progress):
+            self.progress = progress
+        else:
+            raise ValueError("progress must be True, False or a callable (stage, done, total)")
 
     def _step_callback(self, stage: str, total: int) -> samplers.Callback:
         if self.progress is None:

@@ -43,10 +43,14 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as exc:
             raise ValueError(
-                f"{path} needs arbitrary code to unpickle and was refused ({exc}). Convert it to safetensors "
-                "in an environment you trust, e.g. `kandinsky convert SRC DST --to safetensors`."
+                f"{path} needs arbitrary code to unpickle and was refused ({exc}). If you trust it, convert it once "
+                "in a trusted environment: `python -c \"import torch, safetensors.torch as st; "
+                f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
+                f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\"`"
+                " and use the .safetensors file."
             ) from exc
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
+                AttributeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path} is truncated or corrupt: {exc}") from exc
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
@@ -96,7 +100,7 @@ def fill_module(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     converted = {}
     for k, v in state.items():
         target = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
-        converted[k] = v.to(device=device, dtype=target)
+        converted[k] = v.to(device=device, dtype=target).contiguous()
     module.load_state_dict(converted, strict=True, assign=True)
     _materialise_index_buffers(module, device)
     return module.eval().requires_grad_(False)

@@ -1,0 +1,350 @@
+"""Generation metadata in images, and model-folder summaries.
+
+Images carry the AUTOMATIC1111 ``parameters`` text (PNG text chunk; EXIF UserComment for JPEG and WebP), which
+other tools read::
+
+    a red cat on a sofa
+    Negative prompt: blurry
+    Steps: 50, Sampler: DDIM, CFG scale: 4.0, Seed: 42, Size: 512x512, Model: kandinsky-2-1, Prior steps: 25, ...
+
+PNGs also carry the same record as JSON in a ``kandinsky`` chunk (exact types and the model folders). A *record*
+is a flat dict with the CLI's names: ``mode prompt negative width height steps guidance sampler seed num index
+prior_steps prior_guidance strength image mask items frames frame interp model prior inpaint original dtype``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import PIL.PngImagePlugin
+
+PARAMETERS_KEY = "parameters"
+JSON_KEY = "kandinsky"
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "p_sampler": "P sampler", "dpmpp_2m": "DPM++ 2M"}
+
+# (A1111 key, record key, type), in the order they are written after Steps/Sampler/CFG scale/Seed/Size/Model.
+FIELDS: tuple[tuple[str, str, Any], ...] = (
+    ("Denoising strength", "strength", float),
+    ("Batch size", "num", int),
+    ("Batch pos", "index", int),
+    ("Prior steps", "prior_steps", int),
+    ("Prior CFG scale", "prior_guidance", float),
+    ("Mode", "mode", str),
+    ("Mix", "items", "json"),
+    ("Morph keys", "items", "json"),
+    ("Init image", "image", str),
+    ("Mask", "mask", str),
+    ("Morph frames", "frames", int),
+    ("Morph frame", "frame", int),
+    ("Interpolation", "interp", str),
+    ("Dtype", "dtype", str),
+    ("Version", "version", str),
+)
+_PARAM = re.compile(r'\s*(\w[\w \-/+]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+# ---------------------------------------------------------------------------------------------- A1111 text
+
+
+def _quote(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if any(c in text for c in ',\n:"') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def model_label(record: dict[str, Any]) -> str:
+    """The ``Model:`` value: the name of the folder the images came from (``bundled`` for the bundled model)."""
+    key = "inpaint" if record.get("mode") == "inpaint" else "model"
+    folder = record.get("original") or record.get(key)
+    return Path(folder).name if folder else "kandinsky-2.1-bundled"
+
+
+def build_parameters(record: dict[str, Any]) -> str:
+    """The AUTOMATIC1111 ``parameters`` text of a record (prompt, ``Negative prompt:`` line, settings line)."""
+    lines = [record.get("prompt") or ""]
+    if record.get("negative") is not None:
+        lines.append(f"Negative prompt: {record['negative']}")
+    params: list[tuple[str, Any]] = []
+    for key, name in (("steps", "Steps"), ("sampler", "Sampler"), ("guidance", "CFG scale"), ("seed", "Seed")):
+        if record.get(key) is not None:
+            value = SAMPLER_NAMES.get(record[key], record[key]) if key == "sampler" else record[key]
+            params.append((name, value))
+    if record.get("width") is not None and record.get("height") is not None:
+        params.append(("Size", f"{record['width']}x{record['height']}"))
+    params.append(("Model", model_label(record)))
+    for name, key, kind in FIELDS:
+        value = record.get(key)
+        if value is None or (key in ("num", "index") and (record.get("num") or 1) <= 1):
+            continue
+        if key == "items" and (name == "Mix") == (record.get("mode") == "morph"):
+            continue
+        params.append((name, json.dumps(value, ensure_ascii=False) if kind == "json" else value))
+    lines.append(", ".join(f"{name}: {_quote(value)}" for name, value in params))
+    return "\n".join(lines)
+
+
+def _sampler_id(name: str) -> str:
+    for key, label in SAMPLER_NAMES.items():
+        if name.lower() in (key, label.lower()):
+            return key
+    return name
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """A record from an AUTOMATIC1111 ``parameters`` text. Keys it does not know are kept under ``extra``."""
+    lines = text.split("\n")
+    last = lines[-1] if lines else ""
+    if len(_PARAM.findall(last)) >= 3:
+        lines = lines[:-1]
+    else:
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] | None = None
+    for line in lines:
+        if negative is None and line.startswith("Negative prompt:"):
+            rest = line[len("Negative prompt:"):]
+            negative = [rest[1:] if rest.startswith(" ") else rest]
+        elif negative is not None:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    record: dict[str, Any] = {"prompt": "\n".join(prompt),
+                              "negative": None if negative is None else "\n".join(negative)}
+    types = {name: (key, kind) for name, key, kind in FIELDS}
+    extra: dict[str, str] = {}
+    for name, raw in _PARAM.findall(last):
+        value = _unquote(raw)
+        try:
+            if name == "Steps":
+                record["steps"] = int(value)
+            elif name == "Sampler":
+                record["sampler"] = _sampler_id(value)
+            elif name == "CFG scale":
+                record["guidance"] = float(value)
+            elif name == "Seed":
+                record["seed"] = int(value)
+            elif name == "Size":
+                w, h = value.lower().split("x")
+                record["width"], record["height"] = int(w), int(h)
+            elif name == "Model":
+                record["model_name"] = value
+            elif name in types:
+                key, kind = types[name]
+                record[key] = json.loads(value) if kind == "json" else kind(value)
+            else:
+                extra[name] = value
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {name!r} = {value!r} in the image's parameters: {exc}") from exc
+    if extra:
+        record["extra"] = extra
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- image files
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def save_image(image: PIL.Image.Image, path: Path, record: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write ``image`` with its metadata (PNG chunks, or EXIF UserComment for JPEG/WebP).
+
+    Never replaces an existing file unless ``overwrite`` (the file is created exclusively).
+    """
+    path = Path(path)
+    text = build_parameters(record)
+    suffix = path.suffix.lower()
+    kwargs: dict[str, Any] = {}
+    if suffix == ".png":
+        info = PIL.PngImagePlugin.PngInfo()
+        info.add_text(PARAMETERS_KEY, text)
+        info.add_text(JSON_KEY, json.dumps(_json_safe(record), ensure_ascii=False))
+        kwargs = {"format": "PNG", "pnginfo": info}
+    elif suffix in (".jpg", ".jpeg", ".webp"):
+        exif = PIL.Image.Exif()
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+        kwargs = {"format": "WEBP" if suffix == ".webp" else "JPEG", "exif": exif.tobytes(), "quality": 95}
+        image = image.convert("RGB")
+    else:
+        raise ValueError(f"unsupported image type {path.suffix!r} for {path}; use .png, .jpg or .webp")
+    try:
+        with open(path, "wb" if overwrite else "xb") as f:
+            image.save(f, **kwargs)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --out") from None
+    return path
+
+
+def _user_comment(image: PIL.Image.Image) -> str | None:
+    try:
+        raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except Exception:  # noqa: BLE001 - broken EXIF just means no metadata
+        return None
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes | bytearray):
+        return None
+    head, body = bytes(raw[:8]), bytes(raw[8:])
+    if head == b"UNICODE\0":
+        for enc in ("utf-16-be", "utf-16-le"):
+            try:
+                return body.decode(enc)
+            except UnicodeDecodeError:
+                continue
+    return body.decode("utf-8", errors="replace") if head in (b"ASCII\0\0\0", b"\0" * 8) else None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """``{"parameters": text or None, "record": dict or None}`` from an image file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with PIL.Image.open(path) as img:
+            info = dict(img.info)
+            text = info.get(PARAMETERS_KEY) or _user_comment(img)
+    except (PIL.UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    record = None
+    if isinstance(info.get(JSON_KEY), str):
+        try:
+            record = json.loads(info[JSON_KEY])
+        except json.JSONDecodeError:
+            record = None
+    if record is None and isinstance(text, str):
+        record = parse_parameters(text)
+    return {"parameters": text if isinstance(text, str) else None, "record": record}
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The generation record of an image (our JSON chunk, else its A1111 text); ValueError if it has none."""
+    meta = read_metadata(path)
+    if not meta["record"]:
+        raise ValueError(f"{path} carries no generation parameters (no 'parameters' text chunk or EXIF comment)")
+    return meta["record"]
+
+
+# ---------------------------------------------------------------------------------------------- model folders
+
+SUMMARY_KEYS = (
+    "_class_name", "in_channels", "out_channels", "block_out_channels", "layers_per_block", "attention_head_dim",
+    "cross_attention_dim", "encoder_hid_dim", "num_layers", "num_attention_heads", "embedding_dim",
+    "num_embeddings", "hidden_size", "num_hidden_layers", "projection_dim", "image_size", "patch_size",
+    "transformerDimSize", "numDims", "latent_channels", "num_vq_embeddings", "vq_embed_dim",
+    "num_train_timesteps", "beta_schedule", "prediction_type", "variance_type", "crop_size", "size",
+)
+CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
+
+
+def count_parameters(path: Path) -> tuple[int, dict[str, int]]:
+    """(number of parameters, {dtype: tensors}) of a weights file; safetensors are read from the header only."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        tensors = [v for k, v in header.items() if k != "__metadata__"]
+        return sum(math.prod(v["shape"]) for v in tensors), dict(Counter(v["dtype"] for v in tensors))
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() for t in tensors), dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
+def describe_pipeline_folder(folder: Path) -> dict[str, Any]:
+    """Components, config summaries, parameter counts and recorded defaults of one diffusers pipeline folder."""
+    index = _read_json(folder / "model_index.json")
+    out: dict[str, Any] = {"folder": str(folder), "pipeline": index.get("_class_name"), "components": {}}
+    total = 0
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or not (folder / name).is_dir():
+            continue
+        comp: dict[str, Any] = {"class": spec[1] if len(spec) > 1 else None}
+        sub = folder / name
+        for cfg_name in CONFIG_FILES:
+            if (sub / cfg_name).is_file():
+                cfg = _read_json(sub / cfg_name)
+                comp["config"] = {k: cfg[k] for k in SUMMARY_KEYS if cfg.get(k) is not None and k != "_class_name"}
+                break
+        weights = sorted(p for p in sub.iterdir() if p.suffix in (".safetensors", ".bin"))
+        weights = [p for p in weights if p.suffix == ".safetensors"] or weights
+        if weights:
+            params, dtypes = 0, Counter()
+            for w in weights:
+                n, d = count_parameters(w)
+                params += n
+                dtypes.update(d)
+            comp.update(parameters=params, dtypes=dict(dtypes), files=[w.name for w in weights],
+                        bytes=sum(w.stat().st_size for w in weights))
+            total += params
+        out["components"][name] = comp
+    out["parameters"] = total
+    defaults = folder / "kandinsky_defaults.json"
+    if defaults.is_file():
+        out["defaults"] = _read_json(defaults)
+    return out
+
+
+def describe_model(folder: str | Path) -> dict[str, Any]:
+    """Describe a pipeline folder, or a folder holding ``decoder``/``prior``/``inpaint`` pipeline folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    if (folder / "model_index.json").is_file():
+        return {"folder": str(folder), "models": {folder.name: describe_pipeline_folder(folder)}}
+    models = {p.name: describe_pipeline_folder(p) for p in sorted(folder.iterdir())
+              if p.is_dir() and (p / "model_index.json").is_file()}
+    if not models:
+        raise ValueError(f"{folder} is not a model folder: no model_index.json in it or in its sub-folders")
+    return {"folder": str(folder), "models": models}
+
+
+def format_model_info(info: dict[str, Any]) -> str:
+    """Human-readable text of :func:`describe_model`'s result."""
+    lines = []
+    for role, model in info["models"].items():
+        lines.append(f"{role}: {model['pipeline']}  ({_count(model['parameters'])} parameters)  {model['folder']}")
+        for name, comp in model["components"].items():
+            size = f"  {_count(comp['parameters'])} params, {'/'.join(comp['dtypes'])}" if "parameters" in comp else ""
+            lines.append(f"  {name}: {comp['class']}{size}")
+            if comp.get("config"):
+                lines.append("    " + ", ".join(f"{k}={v}" for k, v in comp["config"].items()))
+        if model.get("defaults"):
+            lines.append("  defaults: " + ", ".join(f"{k}={v}" for k, v in model["defaults"].items()))
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
