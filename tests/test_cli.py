@@ -162,9 +162,11 @@ def test_batch_bad_line_and_resume(models, work):
 
 
 def test_error_is_one_line_without_traceback(work):
-    proc = run(["generate", "a cat", "--model", "no-such-folder", "--prior", "no-such-prior", *SMALL], work, code=2)
+    proc = run(["generate", "a cat", "--model", "no-such-folder", "--prior", "no-such-prior", "--json", *SMALL], work,
+               code=2)
     assert proc.stderr.strip().splitlines() == ["kandinsky: error: decoder model folder not found: no-such-folder"]
-    assert "Traceback" not in proc.stderr
+    assert json.loads(proc.stdout) == {"ok": False, "error": "decoder model folder not found: no-such-folder",
+                                       "exit_code": 2}
 
 
 # ------------------------------------------------------------------------------------------- in process

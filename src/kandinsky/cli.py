@@ -55,6 +55,22 @@ MODEL_KEYS = ("model", "prior", "inpaint", "original")
 RECORD_KEYS = set().union(*MODE_KEYS.values()) | {"mode", "index", "frame"} | set(MODEL_KEYS) | {"dtype"}
 ALIASES = {"negative_prompt": "negative", "guidance_scale": "guidance", "cfg_scale": "guidance",
            "prior_guidance_scale": "prior_guidance", "num_images": "num", "init_image": "image"}
+EXAMPLES = {
+    "generate": """examples:
+  kandinsky generate "a red cat on a blue sofa, oil painting" --seed 42
+  kandinsky generate "a lighthouse at dusk" --num 4 --steps 50 --sampler dpmpp_2m -o lighthouse/
+  kandinsky generate --from outputs/00001-42-a-red-cat-on-a-blue-sofa-oil-painting.png   # the same image again
+  kandinsky generate --prompts jobs.txt -o batch/   # lines: a prompt, --options "prompt", or {"prompt": ..., "seed": 1}
+""",
+    "mix": """examples:
+  kandinsky mix --text "a red cat:0.7" --image photo.png:0.3 --seed 1
+  kandinsky mix -t "winter forest" -t "oil painting by Van Gogh" -o mix.png
+""",
+    "morph": """examples:
+  kandinsky morph -t "a red cat" -t "a blue dog" --frames 16 --seed 7 -o morph.gif
+  kandinsky morph -i a.png -i b.png -t "a castle" --frames 24 --format webp --boomerang
+""",
+}
 # keys of the pipeline's img.info["kandinsky"] -> record keys
 INFO_KEYS = {"width": "width", "height": "height", "steps": "steps", "guidance_scale": "guidance",
              "sampler": "sampler", "prior_steps": "prior_steps", "prior_guidance_scale": "prior_guidance",
@@ -133,21 +149,25 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _gen_flags(p: argparse.ArgumentParser, *, prior: bool = True, num: bool = True, out: bool = True,
-               out_help: str = "") -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("-p", "--prompt", help="the prompt")
-    g.add_argument("-n", "--negative", help="negative prompt")
-    g.add_argument("-W", "--width", type=_int_type("width", 8, 8), help="image width (default: the model's, 512)")
-    g.add_argument("-H", "--height", type=_int_type("height", 8, 8), help="image height (default: 512)")
-    g.add_argument("--steps", type=_int_type("steps", 1), help="decoder steps (default: 100)")
-    g.add_argument("--guidance", "--cfg-scale", type=_float_type("guidance"), help="decoder CFG scale (default: 4)")
+               out_help: str = "", prompt_help: str = "the prompt") -> None:
+    g = p.add_argument_group("generation (defaults: the model folder's recorded ones, else the published ones)")
+    g.add_argument("-p", "--prompt", help=prompt_help)
+    g.add_argument("-n", "--negative", metavar="TEXT", help="negative prompt")
+    g.add_argument("-W", "--width", metavar="W", type=_int_type("width", 8, 8), help="width, a multiple of 8 (512)")
+    g.add_argument("-H", "--height", metavar="H", type=_int_type("height", 8, 8), help="height, a multiple of 8 (512)")
+    g.add_argument("--steps", metavar="N", type=_int_type("steps", 1), help="decoder steps (100)")
+    g.add_argument("--guidance", "--cfg-scale", metavar="X", type=_float_type("guidance"),
+                   help="decoder CFG scale (4)")
     if prior:
-        g.add_argument("--prior-steps", type=_int_type("prior steps", 1), help="prior steps (default: 25)")
-        g.add_argument("--prior-guidance", type=_float_type("prior guidance"), help="prior CFG scale (default: 4)")
-    g.add_argument("--sampler", choices=SAMPLER_CHOICES, help="decoder sampler (default: ddim)")
-    g.add_argument("-s", "--seed", type=_int_type("seed", 0), help="random seed (random when absent; always printed)")
+        g.add_argument("--prior-steps", metavar="N", type=_int_type("prior steps", 1), help="prior steps (25)")
+        g.add_argument("--prior-guidance", metavar="X", type=_float_type("prior guidance"),
+                       help="prior CFG scale (4)")
+    g.add_argument("--sampler", choices=SAMPLER_CHOICES, help="decoder sampler (ddim)")
+    g.add_argument("-s", "--seed", metavar="S", type=_int_type("seed", 0),
+                   help="random seed (random when absent; always printed)")
     if num:
-        g.add_argument("--num", type=_int_type("num", 1), help="images per prompt, one shared generator (default 1)")
+        g.add_argument("--num", metavar="N", type=_int_type("num", 1),
+                       help="images per prompt, drawn from one generator (1)")
     if out:
         g.add_argument("-o", "--out", metavar="PATH",
                        help=out_help or "output file (.png/.jpg/.webp) or folder (default: outputs/)")
@@ -178,14 +198,16 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> Parser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func, command=name)
         return p
 
     p = command("generate", "text-to-image", cmd_images)
     p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or --prompt)")
     p.add_argument("--from", dest="from_image", metavar="IMAGE",
-                   help="re-run the parameters recorded in IMAGE (options given here override them)")
+                   help="re-run the parameters recorded in IMAGE, any mode (the same image, bit for bit, on the "
+                        "same model, device and dtype); options given here override them")
     p.add_argument("--prompts", metavar="FILE", help="batch: one job a line (text or JSONL); re-runs skip done jobs")
     _gen_flags(p)
     _model_flags(p)
@@ -199,7 +221,7 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
                    help="an image to mix")
     p.add_argument("--raw-weights", action="store_true",
                    help="use the weights as given (default: divide them by their sum)")
-    _gen_flags(p)
+    _gen_flags(p, prompt_help="the decoder's text prompt (default: empty)")
     _model_flags(p)
     _output_flags(p)
 
@@ -216,7 +238,8 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
             p.add_argument("-m", "--mask", metavar="PATH", help="the mask: white = repaint, same size as the image")
         if name != "variations":
             p.add_argument("--prompts", metavar="FILE", help="batch: one job a line (text or JSONL)")
-        _gen_flags(p, prior=name != "variations")
+        _gen_flags(p, prior=name != "variations",
+                   prompt_help="the decoder's text prompt (default: empty)" if name == "variations" else "the prompt")
         _model_flags(p)
         _output_flags(p)
 
@@ -234,8 +257,8 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     p.add_argument("--format", choices=("gif", "webp"), help="animation format when --out is a folder (default gif)")
     p.add_argument("--boomerang", action="store_true", help="play forwards then backwards")
     p.add_argument("--no-frames", action="store_true", help="write only the animation, not the frame PNGs")
-    _gen_flags(p, num=False, out_help="animation file (.gif/.webp; frames go to NAME-frames/) or folder "
-                                      "(default: outputs/)")
+    _gen_flags(p, num=False, prompt_help="the decoder's text prompt for every frame (default: empty)",
+               out_help="animation file (.gif/.webp; frames go to NAME-frames/) or folder (default: outputs/)")
     _model_flags(p)
     _output_flags(p)
 
@@ -429,12 +452,15 @@ def model_choice(args: argparse.Namespace, record: dict[str, Any] | None = None)
     """Model folders and dtype: the command line's, else those recorded in a ``--from`` image, else bundled."""
     chosen: dict[str, Any] = {key: getattr(args, key, None) for key in MODEL_KEYS}
     chosen["dtype"] = getattr(args, "dtype", None)
-    if record and not any(chosen[k] for k in MODEL_KEYS):
-        for key in MODEL_KEYS:
+    if record and not chosen["original"]:
+        given = any(chosen[k] for k in ("model", "prior", "inpaint"))
+        for key in ("model", "prior", "inpaint") if given else MODEL_KEYS:
             path = record.get(key)
-            if path and Path(path).exists():
+            if chosen[key] or not path:
+                continue
+            if Path(path).exists():
                 chosen[key] = path
-            elif path:
+            else:
                 _note(args, f"the recorded {key} folder {path} is missing; using the default")
     if record and chosen["dtype"] is None:
         chosen["dtype"] = record.get("dtype")
@@ -1086,8 +1112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug, as_json = "--debug" in argv, "--json" in argv
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    if not debug:
-        warnings.filterwarnings("ignore")
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore")
+        return _main(argv, debug, as_json)
+
+
+def _main(argv: list[str], debug: bool, as_json: bool) -> int:
     try:
         parser = build_parser(argv)
         args, extra = parser.parse_known_args(argv)

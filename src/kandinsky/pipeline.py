@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from . import imaging
@@ -25,6 +26,7 @@ from .diffusion.schedules import (
     img2img_noise_schedule,
     leading_timesteps,
     linspace_timesteps,
+    original_ddim_timesteps,
     spaced_timesteps,
 )
 from .models.text_encoders import clip_image_embeds, clip_text_features
@@ -32,6 +34,7 @@ from .weights.diffusers_format import DecoderParts, PriorParts, load_decoder, lo
 
 ASSETS = Path(__file__).parent / "assets"
 OUTPUTS = ("pil", "np", "pt")
+COMPATS = ("diffusers", "original")
 DDPM_DEFAULTS = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 0,
                  "thresholding": True, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 2.0}
 MixItem = str | PIL.Image.Image | Path | torch.Tensor
@@ -94,13 +97,21 @@ class Kandinsky21:
 
     def __init__(self, decoder: DecoderParts | None = None, prior: PriorParts | None = None,
                  inpaint: DecoderParts | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, compat: str = "diffusers") -> None:
         if decoder is None and prior is None and inpaint is None:
             raise ValueError("a pipeline needs at least one of decoder, prior or inpaint")
+        if compat not in COMPATS:
+            raise ValueError(f"compat must be one of {COMPATS}, got {compat!r}")
         self.decoder, self.prior, self.inpaint_model = decoder, prior, inpaint
         self.device, self.dtype = torch.device(device), dtype
+        self.compat = compat
         self.progress: Progress = None
         self._zero_embed: torch.Tensor | None = None
+
+    @property
+    def original(self) -> bool:
+        """True under ``compat="original"``: the ai-forever repository's semantics instead of diffusers'."""
+        return self.compat == "original"
 
     # ------------------------------------------------------------------ loading
 
@@ -108,13 +119,14 @@ class Kandinsky21:
     def from_pretrained(cls, decoder: str | Path | None = None, prior: str | Path | None = None,
                         inpaint: str | Path | None = None, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None, *, original: str | Path | None = None,
-                        **original_files: Any) -> Kandinsky21:
+                        compat: str = "diffusers", **original_files: Any) -> Kandinsky21:
         """Load diffusers-format folders; with no folder at all, the bundled model.
 
         ``original=DIR`` loads the ai-forever release files instead (see
         :func:`kandinsky.weights.original_format.load_original`; single files may be given as keywords such as
         ``clip=``, ``movq=``, ``clip_tokenizer=``). ``dtype`` None means float32, except for the fp16 original
-        files on CUDA, which stay fp16.
+        files on CUDA, which stay fp16. ``compat="original"`` switches to the original repository's sampling
+        semantics (see the README's table).
         """
         dev = resolve_device(device)
         if original is not None or original_files:
@@ -124,7 +136,7 @@ class Kandinsky21:
 
             dt = auto_dtype(dev, dtype)
             dec, pri, inp = load_original(original, device=dev, dtype=dt, **original_files)
-            return cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt)
+            return cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt, compat=compat)
         dt = resolve_dtype(dtype if dtype is not None else "float32")
         if decoder is None and prior is None and inpaint is None:
             decoder, prior = ASSETS / "decoder", ASSETS / "prior"
@@ -138,7 +150,7 @@ class Kandinsky21:
             decoder=load_decoder(decoder, device=dev, dtype=dt, inpaint=False) if decoder is not None else None,
             prior=load_prior(prior, device=dev, dtype=dt) if prior is not None else None,
             inpaint=load_decoder(inpaint, device=dev, dtype=dt, inpaint=True) if inpaint is not None else None,
-            device=dev, dtype=dt,
+            device=dev, dtype=dt, compat=compat,
         )
 
     def _need(self, part: str) -> Any:
@@ -306,6 +318,11 @@ class Kandinsky21:
                 raise ValueError(f"mix items must be prompts (str), PIL images or Paths, got {type(item).__name__}")
             parts.append(emb * weight)
         image = torch.cat(parts).sum(dim=0, keepdim=True)
+        if self.original:  # no extra prior run: the zero-image embedding, or the negative prompt's sample
+            if negative_prompt == "":
+                return Embeds(image, self.zero_image_embeds(1).to(image.dtype))
+            return Embeds(image, self.prior_embeds(negative_prompt, None, steps, guidance_scale,
+                                                   generator=generator).image)
         zero = self.prior_embeds(negative_prompt, negative_prior_prompt, steps, guidance_scale,
                                  num_images=num_images, generator=generator)
         return Embeds(image, zero.negative if negative_prompt == "" else zero.image)
@@ -316,6 +333,8 @@ class Kandinsky21:
         """Fill unspecified (None) arguments from the model folder's defaults, then the published ones."""
         published = {"width": 512, "height": 512, "steps": 100, "guidance_scale": 4.0, "sampler": "ddim",
                      "prior_steps": 25, "prior_guidance_scale": 4.0}
+        if self.original:
+            published.update(guidance_scale=7.0, sampler="p_sampler")
         folder = self.defaults(part)
         folder.update({f"prior_{k}": v for k, v in self.defaults("prior").items() if not k.startswith("prior_")})
         return {k: (v if v is not None else folder.get(k, published.get(k))) for k, v in given.items()}
@@ -327,6 +346,16 @@ class Kandinsky21:
         if image_embeds is None:
             if negative_image_embeds is not None:
                 raise ValueError("negative_image_embeds was given without image_embeds; give both or neither")
+            if self.original:  # the negative prompt only replaces the unconditional image embedding
+                image = self.prior_embeds(prompts, None, prior_steps, prior_guidance_scale, num_images=n,
+                                          generator=generator).image
+                if negative_prompt is None or negative_prompt == "":
+                    return image, self.zero_image_embeds(image.shape[0]).to(image.dtype), None, 1
+                negatives = _prompt_list(negative_prompt, "negative_prompt")
+                negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+                negative = self.prior_embeds(negatives, None, prior_steps, prior_guidance_scale, num_images=n,
+                                             generator=generator).image
+                return image, negative, None, 1
             embeds = self.prior_embeds(prompts, negative_prompt, prior_steps, prior_guidance_scale,
                                        num_images=n, generator=generator)
             return embeds.image, embeds.negative, None, 1
@@ -365,6 +394,8 @@ class Kandinsky21:
         image = image.repeat_interleave(n, 0)
         batch = rows * n
         if cfg:
+            if self.original:
+                negative_prompt = None  # the original decoder's unconditional text is always ""
             uncond = [""] * len(prompts) if negative_prompt is None else _prompt_list(negative_prompt, "negative")
             if len(uncond) == 1:
                 uncond = uncond * len(prompts)
@@ -384,9 +415,7 @@ class Kandinsky21:
         timesteps, schedule, run = self._sampler(parts, sampler, steps, generator)
         if init is not None:  # img2img: noise the encoded image part of the way and denoise the rest
             z0 = _to_batch(parts.movq.encode(init.to(self.device, pooled.dtype)), batch)
-            init_steps = min(int(steps * strength), steps)
-            timesteps = timesteps[steps - init_steps:]
-            t_noise = int(schedule.num_train_timesteps * strength) - 2
+            timesteps, t_noise = self._img2img_timesteps(timesteps, sampler, strength, schedule.num_train_timesteps)
             noise = samplers.randn(z0.shape, generator, hidden.dtype, self.device)
             x = img2img_noise_schedule().add_noise(z0, noise, torch.full((batch,), max(t_noise, 0)))
         elif latents is not None:
@@ -415,12 +444,32 @@ class Kandinsky21:
                 out = torch.cat([eps_u + guidance_scale * (eps_c - eps_u), var.chunk(2)[1]], dim=1)
             return out
 
-        x = run(denoiser, x, timesteps, known)
+        x = run(denoiser, x, timesteps, known, self._step_callback("decoder", len(timesteps)))
         return parts.movq.decode(x)
+
+    def _img2img_timesteps(self, timesteps: list[int], sampler: str, strength: float,
+                           total: int) -> tuple[list[int], int]:
+        """The part of the trajectory img2img denoises, and the timestep its input is noised to.
+
+        diffusers: ``strength`` is the fraction denoised; noise at ⌊T·s⌋ − 2. Original: ``strength`` is the
+        fraction kept; DDIM keeps the steps ≤ ⌊T(1−s)⌋ and noises at that minus one, p_sampler keeps the first
+        ⌊S(1−s)⌋ respaced steps and noises at the last of them.
+        """
+        steps = len(timesteps)
+        if not self.original:
+            init_steps = min(int(steps * strength), steps)
+            return timesteps[steps - init_steps:], int(total * strength) - 2
+        if sampler == "p_sampler":
+            start = int(steps * (1 - strength))
+            if start < 1:
+                raise ValueError(f"strength {strength} keeps no step under compat='original'; use a smaller strength")
+            return timesteps[steps - start:], timesteps[steps - start]
+        start = int(total * (1 - strength))
+        return [t for t in timesteps if t <= start], start - 1
 
     def _sampler(self, parts: DecoderParts, sampler: str, steps: int, generator: torch.Generator
                  ) -> tuple[list[int], NoiseSchedule, Callable]:
-        """Timesteps, schedule and a runner ``run(denoiser, x, timesteps, known)`` for a decoder sampler."""
+        """Timesteps, schedule and a runner ``run(denoiser, x, timesteps, known, callback)`` for a sampler."""
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
         cfg = parts.scheduler_config
@@ -429,23 +478,25 @@ class Kandinsky21:
         schedule = NoiseSchedule.from_config(cfg)
         total = schedule.num_train_timesteps
         check_steps(steps, total)
-        progress = self._step_callback("decoder", steps)
 
         if sampler == "ddim":
             final = torch.tensor(1.0) if cfg.get("set_alpha_to_one", False) else schedule.alphas_cumprod[0]
-            timesteps = leading_timesteps(steps, total, int(cfg.get("steps_offset", 1)))
-            return timesteps, schedule, lambda d, x, ts, known: samplers.ddim(
+            if self.original:
+                timesteps = original_ddim_timesteps(steps, total)
+            else:
+                timesteps = leading_timesteps(steps, total, int(cfg.get("steps_offset", 1)))
+            return timesteps, schedule, lambda d, x, ts, known, progress: samplers.ddim(
                 d, x, schedule, ts, final_alpha_cumprod=final, callback=progress)
         if sampler == "ddpm":
             timesteps = leading_timesteps(steps, total, int(cfg.get("steps_offset", 0)))
-            return timesteps, schedule, lambda d, x, ts, known: samplers.ddpm(
+            return timesteps, schedule, lambda d, x, ts, known, progress: samplers.ddpm(
                 d, x, schedule, ts, generator=generator, thresholding=bool(cfg.get("thresholding", True)),
                 threshold_ratio=float(cfg.get("dynamic_thresholding_ratio", 0.995)),
                 sample_max_value=float(cfg.get("sample_max_value", 2.0)), callback=progress)
         if sampler == "p_sampler":
-            return spaced_timesteps(steps, total), schedule, lambda d, x, ts, known: samplers.p_sampler(
+            return spaced_timesteps(steps, total), schedule, lambda d, x, ts, known, progress: samplers.p_sampler(
                 d, x, schedule, ts, generator=generator, known=known, callback=progress)
-        return linspace_timesteps(steps, total), schedule, lambda d, x, ts, known: samplers.dpmpp_2m(
+        return linspace_timesteps(steps, total), schedule, lambda d, x, ts, known, progress: samplers.dpmpp_2m(
             d, x, schedule, ts, callback=progress)
 
     def set_progress(self, progress: bool | Callable[[str, int, int], None]) -> None:
@@ -496,16 +547,22 @@ class Kandinsky21:
                             seed=used_seed, **a)
 
     def img2img(self, image: imaging.ImageInput, prompt: str | list[str],
-                negative_prompt: str | list[str] | None = None, *, strength: float = 0.3,
+                negative_prompt: str | list[str] | None = None, *, strength: float | None = None,
                 width: int | None = None, height: int | None = None, steps: int | None = None,
                 guidance_scale: float | None = None, sampler: str | None = None, seed: int | None = None,
                 image_embeds: torch.Tensor | None = None, negative_image_embeds: torch.Tensor | None = None,
                 prior_steps: int | None = None, prior_guidance_scale: float | None = None,
                 num_images: int = 1, output: str = "pil", generator: torch.Generator | None = None) -> Any:
-        """Redraw ``image`` towards ``prompt``; ``strength`` in (0, 1] is the fraction of the trajectory
-        denoised (diffusers' meaning). Size defaults to the image's own, rounded up to a multiple of 64."""
-        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        """Redraw ``image`` towards ``prompt``. ``strength`` is the fraction of the trajectory denoised, in
+        (0, 1], default 0.3 (diffusers' meaning); under ``compat="original"`` the fraction kept, in [0, 1),
+        default 0.7. Size defaults to the image's own, rounded up to a multiple of 64."""
+        if strength is None:
+            strength = 0.7 if self.original else 0.3
+        valid = isinstance(strength, int | float) and not isinstance(strength, bool) and (
+            0 <= strength < 1 if self.original else 0 < strength <= 1)
+        if not valid:
+            interval = "[0, 1) (the fraction kept, compat='original')" if self.original else "(0, 1]"
+            raise ValueError(f"strength must be in {interval}, got {strength!r}")
         src = imaging.open_image(image, "image")
         a = self._resolve("decoder", width=width or _round64(src.width), height=height or _round64(src.height),
                           steps=steps, guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
@@ -533,7 +590,8 @@ class Kandinsky21:
                 prior_guidance_scale: float | None = None, num_images: int = 1, output: str = "pil",
                 generator: torch.Generator | None = None) -> Any:
         """Repaint the masked part of ``image``. ``mask``: PIL image (white = repaint), path, or an H×W array
-        or tensor in [0, 1] (1 = repaint) of the image's size. Needs the inpainting model."""
+        or tensor in [0, 1] (1 = repaint) of the image's size; under ``compat="original"`` 1 / white = keep.
+        Needs the inpainting model."""
         parts = self._need("inpaint")
         src = imaging.open_image(image, "image")
         if isinstance(mask, str | Path):
@@ -550,6 +608,8 @@ class Kandinsky21:
         self._validate(a, num_images, output)
         f = parts.movq.config.downscale_factor
         lh, lw = latent_size(a["height"], a["width"], f)
+        if self.original:  # the original's mask means 1 = keep
+            mask = PIL.ImageOps.invert(mask.convert("L")) if isinstance(mask, PIL.Image.Image) else 1 - mask
         if not isinstance(mask, PIL.Image.Image):
             repaint = imaging.mask_to_tensor(mask, src.width, src.height)
             repaint = imaging.resize_mask_nearest(repaint, (lh * f, lw * f))
@@ -624,8 +684,10 @@ class Kandinsky21:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
-    @staticmethod
-    def _finish(pixels: torch.Tensor, output: str, **info: Any) -> Any:
+    def _finish(self, pixels: torch.Tensor, output: str, **info: Any) -> Any:
+        if self.original:  # the original crops the decoded image to the requested size
+            pixels = pixels[..., : info["height"], : info["width"]]
+        info["compat"] = self.compat
         result = imaging.postprocess(pixels.float(), output)
         if output == "pil":
             for img in result:

@@ -88,6 +88,12 @@ def leading_timesteps(steps: int, num_train_timesteps: int = 1000, offset: int =
     return [k * ratio + offset for k in range(steps - 1, -1, -1)]
 
 
+def original_ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The original repository's DDIM set: range(0, T, T // S) + 1, descending (S = 75 gives 77 steps)."""
+    check_steps(steps, num_train_timesteps)
+    return [t + 1 for t in range(0, num_train_timesteps, num_train_timesteps // steps)][::-1]
+
+
 def spaced_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Evenly spaced over [0, T-1] with round-half-even (UnCLIP prior and the original respacing)."""
     check_steps(steps, num_train_timesteps)

@@ -10,7 +10,6 @@ shape-size), which are discarded after training.
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from ..models.text_encoders import clip_image_embeds, clip_text_features
 from . import config as C
 from . import data as D
 from . import shapes
-from .common import Trainer, save_tensors
+from .common import StageClock, Trainer, save_tensors
 from .shapes import Mention, Scene
 from .workspace import Workspace
 
@@ -99,6 +98,7 @@ def clip_batch(ws: Workspace, ds: D.ShapesData, tok, idx: torch.Tensor, rng: ran
 
 
 def train(ws: Workspace) -> dict:
+    clock = StageClock()
     p, sched = ws.preset, ws.preset.schedule("clip")
     ds, tok = ws.data(), ws.clip_tokenizer()
     torch.manual_seed(ws.seed)
@@ -117,7 +117,6 @@ def train(ws: Workspace) -> dict:
         aux = heads.aux_loss(img, *attribute_targets(scenes))
         return {"loss": con + aux, "contrastive": con.detach(), "attributes": aux.detach()}
 
-    t0 = time.time()
     trainer.run(step)
     final = {f"text.{k}": v for k, v in trainer.final_state("text").items()}
     final |= {f"vision.{k}": v for k, v in trainer.final_state("vision").items()}
@@ -126,7 +125,7 @@ def train(ws: Workspace) -> dict:
     vision.load_state_dict(trainer.final_state("vision"))
     metrics = evaluate(ws, ds, tok, text.eval(), vision.eval())
     embed_dataset(ws, ds, vision)
-    info = {"seconds": trainer.elapsed, "session_seconds": time.time() - t0, "steps": trainer.step, **metrics}
+    info = clock.record(trainer, **metrics)
     ws.mark_done("clip", info)
     return info
 

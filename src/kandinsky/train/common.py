@@ -148,12 +148,15 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
         params = self.params if self.params is not None else [
             p for m in self.modules.values() for p in m.parameters()]
         self.opt = make_optimizer(params, self.optimizer, self.lr, self.weight_decay)
         self.emas = {k: EMA(self.modules[k], self.ema_decay) for k in self.ema}
         self.step = 0
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # wall-clock seconds of optimisation steps, over all sessions
+        self.cpu = 0.0  # process CPU seconds of the same steps (all threads)
+        self.session_wall = self.session_cpu = 0.0  # the same, this session only
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
@@ -173,7 +176,8 @@ class Trainer:
                          tmp / "ema.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
         save_tensors(opt_tensors, tmp / "optim.safetensors")
-        write_json(tmp / "state.json", {"step": self.step, "elapsed": self.elapsed, "optimizer": opt_meta,
+        write_json(tmp / "state.json", {"step": self.step, "elapsed": self.elapsed, "cpu": self.cpu,
+                                        "optimizer": opt_meta,
                                         "steps": self.steps, "seed": self.seed})
         old = self.folder / "ckpt.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -197,6 +201,7 @@ class Trainer:
         self.opt.load_state_dict(_unflatten_optimizer(load_file(str(self.ckpt_dir / "optim.safetensors")),
                                                       state["optimizer"]))
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+        self.cpu = float(state.get("cpu", 0.0))
         return True
 
     def final_state(self, name: str) -> dict[str, torch.Tensor]:
@@ -220,10 +225,9 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=self.step, desc=self.name, file=sys.stderr, dynamic_ncols=True,
                    disable=not self.progress, mininterval=1.0)
         smooth: float | None = None
-        start = time.time()
         try:
             while self.step < self.steps:
-                t0 = time.time()
+                t0, c0 = time.time(), time.process_time()
                 step = self.step
                 for g in self.opt.param_groups:
                     g["lr"] = lr_at(step, self.steps, self.lr, self.warmup)
@@ -248,6 +252,9 @@ class Trainer:
                     e.update(self.modules[n], step)
                 self.step += 1
                 self.elapsed += time.time() - t0
+                self.cpu += time.process_time() - c0
+                self.session_wall += time.time() - t0
+                self.session_cpu += time.process_time() - c0
                 values = {k: float(v.detach()) for k, v in losses.items()}
                 self.history.append(values)
                 log.write(json.dumps({"step": step, **values}) + "\n")
@@ -261,10 +268,24 @@ class Trainer:
             log.close()
         if self.step == self.steps and not (self.ckpt_dir / "state.json").is_file():
             self.save()
-        self.session_seconds = time.time() - start
         for m in self.modules.values():
             m.eval()
         return self.history
+
+
+class StageClock:
+    """Times a stage: its optimisation steps over every session plus this session's other work."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.time(), time.process_time()
+
+    def record(self, trainer: Trainer | None = None, **extra: Any) -> dict[str, Any]:
+        wall, cpu = time.time() - self.wall0, time.process_time() - self.cpu0
+        if trainer is not None:
+            wall += trainer.elapsed - trainer.session_wall
+            cpu += trainer.cpu - trainer.session_cpu
+            extra = {"steps": trainer.step, **extra}
+        return {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), **extra}
 
 
 def seed_everything(seed: int) -> None:

@@ -14,7 +14,6 @@ learns to fill holes: its input is [x_t, masked image latent, keep mask] with ke
 from __future__ import annotations
 
 import random
-import time
 
 import torch
 
@@ -22,7 +21,7 @@ from ..diffusion.schedules import decoder_schedule
 from ..models.unet import DecoderUNet
 from . import config as C
 from . import data as D
-from .common import Trainer, save_tensors
+from .common import StageClock, Trainer, save_tensors
 from .losses import hybrid_loss
 from .workspace import Workspace
 
@@ -52,6 +51,7 @@ class Conditioner:
 
 
 def _train_unet(ws: Workspace, stage: str, unet: DecoderUNet, masks: bool) -> dict:
+    clock = StageClock()
     sched = ws.preset.schedule(stage)
     cond_fn = Conditioner(ws)
     latents = ws.latents()
@@ -75,11 +75,10 @@ def _train_unet(ws: Workspace, stage: str, unet: DecoderUNet, masks: bool) -> di
         mse, vlb = hybrid_loss(schedule, z0, x_t, t, noise, out)
         return {"loss": mse + vlb, "mse": mse.detach(), "vlb": vlb.detach()}
 
-    t0 = time.time()
     trainer.run(step)
     save_tensors({f"unet.{k}": v for k, v in trainer.final_state("unet").items()},
                  ws.dir(stage) / "final.safetensors")
-    info = {"seconds": trainer.elapsed, "session_seconds": time.time() - t0, "steps": trainer.step}
+    info = clock.record(trainer)
     ws.mark_done(stage, info)
     return info
 

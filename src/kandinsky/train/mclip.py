@@ -8,7 +8,6 @@ caption that mentions the same attributes.
 from __future__ import annotations
 
 import random
-import time
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +16,12 @@ from ..models.text_encoders import clip_text_features
 from . import config as C
 from . import data as D
 from . import shapes
-from .common import Trainer, save_tensors
+from .common import StageClock, Trainer, save_tensors
 from .workspace import Workspace
 
 
 def train(ws: Workspace) -> dict:
+    clock = StageClock()
     p, sched = ws.preset, ws.preset.schedule("mclip")
     ds, clip_tok, tok = ws.data(), ws.clip_tokenizer(), ws.mclip_tokenizer()
     clip_text, _ = ws.clip_models()
@@ -44,13 +44,11 @@ def train(ws: Workspace) -> dict:
         cos = 1 - F.cosine_similarity(pooled, target).mean()
         return {"loss": mse + cos, "mse": mse.detach(), "cosine": cos.detach()}
 
-    t0 = time.time()
     trainer.run(step)
     save_tensors({f"mclip.{k}": v for k, v in trainer.final_state("mclip").items()},
                  ws.dir("mclip") / "final.safetensors")
     model.load_state_dict(trainer.final_state("mclip"))
-    info = {"seconds": trainer.elapsed, "session_seconds": time.time() - t0, "steps": trainer.step,
-            **evaluate(ws, model.eval(), clip_text, tok, clip_tok)}
+    info = clock.record(trainer, **evaluate(ws, model.eval(), clip_text, tok, clip_tok))
     ws.mark_done("mclip", info)
     return info
 

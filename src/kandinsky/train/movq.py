@@ -11,7 +11,6 @@ unit-scale latents while the pipeline applies no scaling factor, exactly as Kand
 from __future__ import annotations
 
 import random
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from ..models.movq import MoVQ, SpatialNorm
 from . import config as C
 from . import data as D
-from .common import Trainer, save_tensors
+from .common import StageClock, Trainer, save_tensors
 from .workspace import Workspace
 
 RESTART_EVERY = 50
@@ -52,6 +51,7 @@ def random_crop(x: torch.Tensor, size: int, align: int, gen: torch.Generator) ->
 
 
 def train(ws: Workspace) -> dict:
+    clock = StageClock()
     p, sched = ws.preset, ws.preset.schedule("movq")
     ds = ws.data()
     torch.manual_seed(ws.seed + 2)
@@ -77,7 +77,6 @@ def train(ws: Workspace) -> dict:
         return {"loss": rec + q.codebook_loss + 0.25 * q.commitment_loss, "reconstruction": rec.detach(),
                 "codebook": q.codebook_loss.detach()}
 
-    t0 = time.time()
     trainer.run(step)
     movq.load_state_dict(trainer.final_state("movq"))
     movq.eval()
@@ -88,8 +87,7 @@ def train(ws: Workspace) -> dict:
     latents = (latents - mean) / std
     save_tensors({f"movq.{k}": v for k, v in movq.state_dict().items()}, ws.dir("movq") / "final.safetensors")
     save_tensors({"latents": latents}, ws.dir("movq") / "latents.safetensors")
-    info = {"seconds": trainer.elapsed, "session_seconds": time.time() - t0, "steps": trainer.step,
-            **evaluate(movq, ds)}
+    info = clock.record(trainer, **evaluate(movq, ds))
     ws.mark_done("movq", info)
     return info
 

@@ -9,7 +9,6 @@ mask; the caption is replaced by "" with probability 0.1 so that classifier-free
 from __future__ import annotations
 
 import random
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +18,14 @@ from ..models.prior import PriorTransformer
 from ..models.text_encoders import clip_text_features
 from . import config as C
 from . import data as D
-from .common import Trainer, save_tensors
+from .common import StageClock, Trainer, save_tensors
 from .workspace import Workspace
 
 TEXT_DROP = 0.1
 
 
 def train(ws: Workspace) -> dict:
+    clock = StageClock()
     p, sched = ws.preset, ws.preset.schedule("prior")
     ds, tok = ws.data(), ws.clip_tokenizer()
     clip_text, _ = ws.clip_models()
@@ -53,11 +53,10 @@ def train(ws: Workspace) -> dict:
         pred = prior(x_t, t, text_embeds, hidden, enc.attention_mask)
         return {"loss": F.mse_loss(pred, x0)}
 
-    t0 = time.time()
     trainer.run(step)
     save_tensors({f"prior.{k}": v for k, v in trainer.final_state("prior").items()},
                  ws.dir("prior") / "final.safetensors")
-    info = {"seconds": trainer.elapsed, "session_seconds": time.time() - t0, "steps": trainer.step}
+    info = clock.record(trainer)
     ws.mark_done("prior", info)
     return info
 

@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import shapes, vocab
+from .common import StageClock
 from .workspace import Workspace
 
 STAGES = ("data", "tokenizers", "clip", "mclip", "movq", "prior", "decoder", "inpaint")
 
 
 def train_data(ws: Workspace) -> dict:
-    t0 = time.time()
+    clock = StageClock()
     ds = ws.data()
-    info = {"seconds": time.time() - t0, "images": len(ds)}
+    info = clock.record(images=len(ds))
     ws.mark_done("data", info)
     return info
 
 
 def train_tokenizers(ws: Workspace) -> dict:
-    t0 = time.time()
+    clock = StageClock()
     corpus = shapes.caption_corpus(ws.preset.corpus, ws.seed)
     folder = ws.dir("tokenizers")
     clip_tok = vocab.train_clip_tokenizer(corpus, ws.preset.clip_vocab, ws.preset.clip_max_len, folder / "clip")
     mclip_tok = vocab.train_mclip_tokenizer(corpus, ws.preset.mclip_vocab, folder / "mclip")
-    info = {"seconds": time.time() - t0, "clip_vocab": len(clip_tok), "mclip_vocab": len(mclip_tok)}
+    info = clock.record(clip_vocab=len(clip_tok), mclip_vocab=len(mclip_tok))
     ws.mark_done("tokenizers", info)
     return info
 
