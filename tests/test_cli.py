@@ -28,7 +28,7 @@ def _script() -> list[str]:
 
 def run(args: list, cwd: Path, code: int = 0, module: bool = False) -> subprocess.CompletedProcess:
     """Run the console script (or ``python -m kandinsky``) and check its exit status."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "kandinsky"] if module else _script()
     proc = subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=600,
                           env=env)
@@ -172,6 +172,17 @@ def test_error_is_one_line_without_traceback(work):
 # ------------------------------------------------------------------------------------------- in process
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs share 2 busy cores with other work: one torch thread is faster and as deterministic."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def main(capsys, *argv) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -204,7 +215,7 @@ def test_errors(capsys, work, monkeypatch, argv, message):
     assert len(lines) == 1 and lines[0].startswith("kandinsky: error: ") and message in lines[0], err
 
 
-def test_never_overwrites(capsys, models, work, monkeypatch):
+def test_never_overwrites(capsys, models, work, monkeypatch, one_thread):
     monkeypatch.chdir(work)
     args = ["generate", "a cat", "--seed", "1", "-o", "once.png", "--quiet", *models, *SMALL]
     assert main(capsys, *args)[0] == 0
@@ -216,24 +227,26 @@ def test_never_overwrites(capsys, models, work, monkeypatch):
     assert metadata.read_record(work / "once.png")["seed"] == 2
 
 
-def test_from_round_trips_every_mode(capsys, models, work, monkeypatch):
-    """--from of mix / img2img / inpaint images (made in this process) reproduces them bit for bit."""
+def test_from_round_trips_every_mode(capsys, models, work, monkeypatch, one_thread):
+    """--from of mix / img2img / inpaint / variations images (made in this process) reproduces them bit for bit."""
     monkeypatch.chdir(work)
     runs = {
         "m.png": ["mix", "--text", "a blue dog:0.4", "--image", "in.png:0.6", "--negative", "red", "--num", "2"],
         "i.png": ["img2img", "a green circle", "-i", "in.png", "--strength", "0.7", "--sampler", "ddpm"],
         "p.png": ["inpaint", "a cat", "-i", "in.png", "-m", "mask.png", "--negative", "", "--sampler", "dpmpp_2m"],
+        "v.png": ["variations", "-i", "in.png", "--sampler", "p_sampler", "--guidance", "1"],
     }
     for name, argv in runs.items():
-        assert main(capsys, *argv, "--seed", "11", "-o", name, *models, *SMALL)[0] == 0
-    for name in ("m-2.png", "i.png", "p.png"):
+        size = SMALL if argv[0] != "variations" else SMALL[:6]
+        assert main(capsys, *argv, "--seed", "11", "-o", name, *models, *size)[0] == 0
+    for name in ("m-2.png", "i.png", "p.png", "v.png"):
         code, out, err = main(capsys, "generate", "--from", name, "-o", f"re-{name}", "--json", *models)
         assert code == 0, err
         assert np.array_equal(pixels(work / f"re-{name}"), pixels(work / name)), name
     assert metadata.read_record(work / "p.png")["negative"] == ""
 
 
-def test_morph_webp_without_frames(capsys, models, work, monkeypatch):
+def test_morph_webp_without_frames(capsys, models, work, monkeypatch, one_thread):
     monkeypatch.chdir(work)
     code, out, _ = main(capsys, "morph", "-t", "a cat", "-t", "a dog", "--frames", "3", "--interp", "lerp",
                         "--boomerang", "--no-frames", "--format", "webp", "-o", "anims", *models, *SMALL)
@@ -285,3 +298,17 @@ def test_weight_parsing():
     assert cli.split_weight("ratio 16:9", "text") == ("ratio 16", 9.0)
     assert cli.split_weight("C:\\img.png", "image") == ("C:\\img.png", None)
     assert cli.split_weight("x.png:-0.5", "image") == ("x.png", -0.5)
+
+
+def test_convert_and_train_are_wired(capsys, models, tmp_path):
+    if cli._optional_module("kandinsky.weights.convert", "", required=False) is None:
+        pytest.skip("weight conversion is not installed")
+    code, out, err = main(capsys, "convert", models[1], tmp_path / "st", "--to", "safetensors", "--dtype", "fp16",
+                          "--json")
+    assert code == 0, err
+    assert any(p.endswith("diffusion_pytorch_model.safetensors") for p in json.loads(out)["written"])
+    code, out, _ = main(capsys, "info", tmp_path / "st", "--json")
+    [model] = json.loads(out)["models"].values()
+    assert set(model["components"]["unet"]["dtypes"]) == {"F16"}
+    code, out, _ = main(capsys, "train", "--help")
+    assert code == 0 and "kandinsky train" in out

@@ -121,7 +121,8 @@ def test_export_loads_in_ours_and_diffusers(tiny_run):
     img = pipe.text_to_image("a red circle", seed=0)[0]
     assert img.size == (size, size)
     ours = pipe.text_to_image("a blue star", seed=1, output="np")
-    inpainted = pipe.inpaint(img, np.ones((size, size), np.float32), "a green ring", seed=0)[0]
+    inpainted = pipe.inpaint(img, np.ones((size, size), np.float32), "a green ring", seed=0, width=size,
+                             height=size)[0]
     assert inpainted.size == (size, size)
 
     prior = KandinskyPriorPipeline.from_pretrained(str(export / "prior"), torch_dtype=torch.float32)

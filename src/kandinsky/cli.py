@@ -298,8 +298,9 @@ def _add_train(sub: Any, command: Callable[..., Parser], argv: Sequence[str]) ->
         if module is not None:
             module.add_train_parsers(sub)
             return
-    for name in ("train", "finetune"):
-        p = command(name, f"{name} a model", _missing_train)
+    for name, help_text in (("train", "train the small bundled-style model (a stage or all)"),
+                            ("finetune", "fine-tune a decoder or prior folder on image-caption pairs")):
+        p = command(name, help_text, _missing_train)
         p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
@@ -779,17 +780,6 @@ def _new_seed() -> int:
     return secrets.randbelow(2**32)
 
 
-def _save_batch_images(images: list[Any], paths: list[Path], records: list[dict[str, Any]], overwrite: bool,
-                       skip_existing: bool = False) -> list[Path | None]:
-    saved: list[Path | None] = []
-    for img, path, record in zip(images, paths, records, strict=True):
-        if skip_existing and path.exists():
-            saved.append(None)
-            continue
-        saved.append(metadata.save_image(img, path, record, overwrite=overwrite))
-    return saved
-
-
 def cmd_images(args: argparse.Namespace) -> int:
     """generate, mix, img2img, inpaint, variations: single runs, ``--from`` re-runs and ``--prompts`` batches."""
     start = time.perf_counter()
@@ -855,54 +845,64 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 def _run_batch(args: argparse.Namespace, mode: str, base: dict[str, Any], path: Path, choice: dict[str, Any],
                start: float) -> int:
-    """Run every line of a prompts file; bad lines are reported and skipped, done outputs are not redone."""
+    """Run every line of a prompts file; bad lines are reported and skipped, done outputs are not redone.
+
+    Lines override the command line's options (a prompt given there is the default of lines without one). Output
+    names come from the line number and prompt (``00003-a-red-cat.png``), so a re-run skips finished lines.
+    """
     if args.out and Path(args.out).suffix.lower() in IMAGE_SUFFIXES:
         raise CLIError("with --prompts, --out must be a folder")
     lines = read_prompts(path, mode)
     if not lines:
         raise ValueError(f"prompts file {path} has no jobs")
     outputs = Outputs(args.out, args.overwrite)
-    base = {k: v for k, v in base.items() if k != "prompt"}
-    done, skipped, errors = [], [], []
-    pipe = model = None
-    load_s = 0.0
+    done: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
 
     def fail(number: int, exc: BaseException) -> None:
         message = _one_line(exc)
         errors.append({"line": number, "error": message})
         _write(f"{PROG}: error: {path}:{number}: {message}", sys.stderr)
 
-    bar = _bar(args, len(lines), "batch", "job")
+    todo: list[tuple[int, dict[str, Any], list[Path]]] = []
     for number, parsed in lines:
         try:
             if isinstance(parsed, Exception):
                 raise parsed
             job = {**base, **parsed, "mode": mode}
             check_job(job)
-            num = job.get("num") or 1
-            name = job_slug(job)
+            num, name = job.get("num") or 1, job_slug(job)
             paths = [outputs.folder / (f"{number:05d}-{name}.png" if num == 1 else f"{number:05d}-{k + 1}-{name}.png")
                      for k in range(num)]
-            if not args.overwrite and all(p.exists() for p in paths):
-                skipped.append({"line": number, "paths": [str(p) for p in paths]})
-                _note(args, f"{path}:{number}: done already, skipped ({paths[0].name})")
-                continue
+        except (CLIError, ValueError, OSError) as exc:
+            fail(number, exc)
+            continue
+        if not args.overwrite and all(p.exists() for p in paths):
+            skipped.append({"line": number, "paths": [str(p) for p in paths]})
+            _note(args, f"{path}:{number}: done already, skipped ({paths[0].name})")
+        else:
+            todo.append((number, job, paths))
+
+    load_s = 0.0
+    if todo:  # a model that cannot load stops the batch: that is not one line's fault
+        t0 = time.perf_counter()
+        pipe, model = load_pipeline(args, NEEDS[mode], choice)
+        pipe.set_progress(_show_progress(args))
+        load_s = time.perf_counter() - t0
+    bar = _bar(args, len(todo), "batch", "job")
+    for number, job, paths in todo:
+        try:
             if job.get("seed") is None:
                 job["seed"] = _new_seed()
-            if pipe is None:
-                t0 = time.perf_counter()
-                pipe, model = load_pipeline(args, NEEDS[mode], choice)
-                pipe.set_progress(_show_progress(args))
-                load_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             images = run_images(pipe, job)
             seconds = round(time.perf_counter() - t0, 3)
-            records = [make_record(job, img.info.get("kandinsky", {}), model, num=num, index=i)
-                       for i, img in enumerate(images)]
-            saved = _save_batch_images(images, paths, records, args.overwrite, skip_existing=not args.overwrite)
-            for i, (p, rec) in enumerate(zip(saved, records, strict=True)):
-                if p is None:
-                    continue
+            for i, (img, p) in enumerate(zip(images, paths, strict=True)):
+                if p.exists() and not args.overwrite:
+                    continue  # kept from an interrupted run
+                rec = make_record(job, img.info.get("kandinsky", {}), model, num=len(images), index=i)
+                metadata.save_image(img, p, rec, overwrite=args.overwrite)
                 done.append({"line": number, "path": str(p), "seed": rec["seed"], "index": i, "seconds": seconds,
                              "parameters": rec})
                 _emit(args, f"{p}  (line {number}, seed {rec['seed']})")
@@ -1006,6 +1006,7 @@ def _morph_from(args: argparse.Namespace, record: dict[str, Any], start: float) 
     job.update({k: v for k, v in given.items() if k in MODE_KEYS["morph"]})
     job["mode"] = "morph"
     check_job(job)
+    job.setdefault("seed", _new_seed())
     frame = int(record.get("frame") or 0)
     outputs = Outputs(args.out, args.overwrite)
     path = outputs.names(1, job["seed"], job_slug(job))[0]

@@ -47,10 +47,12 @@ def _posterior(x0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, a_prev: torch
     return (a_prev**0.5 * beta) / (1 - a) * x0 + alpha**0.5 * (1 - a_prev) / (1 - a) * x
 
 
-def _learned_log_variance(v: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor,
-                          beta: torch.Tensor) -> torch.Tensor:
-    """Interpolate log-variance between β̃ (frac 0) and β (frac 1) with frac = (v + 1) / 2."""
+def _log_variance(v: torch.Tensor | None, a: torch.Tensor, a_prev: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Log-variance of a step: the posterior β̃ (clamped ≥ 1e-20), or with learned-range values ``v`` the
+    interpolation between log β̃ (frac 0) and log β (frac 1), frac = (v + 1) / 2."""
     posterior = torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20)
+    if v is None:
+        return torch.log(posterior)
     frac = (v + 1) / 2
     return frac * torch.log(beta) + (1 - frac) * torch.log(posterior)
 
@@ -80,11 +82,11 @@ def _threshold_per_row(x0: torch.Tensor, ratio: float, max_value: float) -> torc
     return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
 
 
-def ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
-         generator: torch.Generator | None = None, thresholding: bool = True, threshold_ratio: float = 0.995,
-         sample_max_value: float = 2.0, callback: Callback = None) -> torch.Tensor:
-    """Ancestral DDPM with learned-range variance, as diffusers' DDPMScheduler with the ``ddpm_scheduler``
-    config of kandinsky-2-1 (per-row dynamic thresholding, no pre-clamp, no noise at t = 0)."""
+def _ancestral(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int],
+               generator: torch.Generator | None, fix_x0: Callable[[torch.Tensor], torch.Tensor],
+               noise_every_step: bool, callback: Callback) -> torch.Tensor:
+    """Ancestral sampling over (possibly respaced) steps: ε → x̂0, ``fix_x0``, posterior mean, plus noise with
+    the step's (learned-range) variance while t > 0. ``noise_every_step`` also draws (unused) noise at t = 0."""
     channels = x.shape[1]
     for i, t in enumerate(timesteps):
         eps, v = _split(denoiser(x, t), channels)
@@ -92,21 +94,29 @@ def ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps
         a, a_prev = schedule.alphas_cumprod[t], _alpha(schedule, prev)
         alpha = a / a_prev
         beta = 1 - alpha
-        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
-        if thresholding:
-            x0 = _threshold_per_row(x0, threshold_ratio, sample_max_value)
+        x0 = fix_x0((x - (1 - a) ** 0.5 * eps) / a**0.5)
         mean = _posterior(x0, x, a, a_prev, beta, alpha)
-        if t > 0:
-            noise = randn(eps.shape, generator, eps.dtype, eps.device)
-            if v is None:
-                log_var = torch.log(torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20))
-            else:
-                log_var = _learned_log_variance(v, a, a_prev, beta)
-            mean = mean + torch.exp(0.5 * log_var) * noise
+        if t > 0 or noise_every_step:
+            dtype = torch.float32 if noise_every_step else eps.dtype
+            noise = randn(eps.shape, generator, dtype, eps.device).to(eps.dtype)
+            if t > 0:
+                mean = mean + torch.exp(0.5 * _log_variance(v, a, a_prev, beta)) * noise
         x = mean
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+def ddpm(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+         generator: torch.Generator | None = None, thresholding: bool = True, threshold_ratio: float = 0.995,
+         sample_max_value: float = 2.0, callback: Callback = None) -> torch.Tensor:
+    """Ancestral DDPM with learned-range variance, as diffusers' DDPMScheduler with the ``ddpm_scheduler``
+    config of kandinsky-2-1 (per-row dynamic thresholding, no pre-clamp, no noise at t = 0)."""
+
+    def fix_x0(x0: torch.Tensor) -> torch.Tensor:
+        return _threshold_per_row(x0, threshold_ratio, sample_max_value) if thresholding else x0
+
+    return _ancestral(denoiser, x, schedule, timesteps, generator, fix_x0, False, callback)
 
 
 def p_sampler(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
@@ -118,31 +128,16 @@ def p_sampler(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, time
     then thresholded by the ``percentile`` of batch row 0's |x̂0| (at least 1). Noise is drawn at every step,
     including the last, where it is not used.
     """
-    channels = x.shape[1]
-    for i, t in enumerate(timesteps):
-        eps, v = _split(denoiser(x, t), channels)
-        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        a, a_prev = schedule.alphas_cumprod[t], _alpha(schedule, prev)
-        alpha = a / a_prev
-        beta = 1 - alpha
-        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-clamp, clamp)
+
+    def fix_x0(x0: torch.Tensor) -> torch.Tensor:
+        x0 = x0.clamp(-clamp, clamp)
         if known is not None:
             z_init, keep = known
             x0 = x0 * (1 - keep) + z_init * keep
         s = torch.quantile(x0[0].float().abs().flatten(), percentile).clamp(min=1).to(x0.dtype)
-        x0 = x0.clamp(-s, s) / s
-        mean = _posterior(x0, x, a, a_prev, beta, alpha)
-        noise = randn(eps.shape, generator, torch.float32, eps.device).to(eps.dtype)
-        if t > 0:
-            if v is None:
-                log_var = torch.log(torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20))
-            else:
-                log_var = _learned_log_variance(v, a, a_prev, beta)
-            mean = mean + torch.exp(0.5 * log_var) * noise
-        x = mean
-        if callback is not None:
-            callback(i, t, x)
-    return x
+        return x0.clamp(-s, s) / s
+
+    return _ancestral(denoiser, x, schedule, timesteps, generator, fix_x0, True, callback)
 
 
 def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
@@ -195,8 +190,7 @@ def unclip(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timeste
         mean = _posterior(x0, x, a, a_prev, beta, alpha)
         if t > 0:
             noise = randn(x0.shape, generator, x0.dtype, x0.device)
-            sigma = torch.exp(0.5 * torch.log(torch.clamp((1 - a_prev) / (1 - a) * beta, min=1e-20)))
-            mean = mean + sigma * noise
+            mean = mean + torch.exp(0.5 * _log_variance(None, a, a_prev, beta)) * noise
         x = mean
         if callback is not None:
             callback(i, t, x)
