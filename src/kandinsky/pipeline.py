@@ -517,6 +517,26 @@ class Kandinsky21:
         report = self.progress
         return lambda i, t, x: report(stage, i + 1, total)
 
+    def _conditioned_job(self, part: str, prompt: Any, negative_prompt: Any, num_images: int, output: str,
+                         seed: int | None, generator: torch.Generator | None, image_embeds: Any,
+                         negative_image_embeds: Any, **given: Any) -> _Job:
+        """Shared set-up of the prompt-conditioned modes: defaults, validation, generator, image embeddings."""
+        a = self._resolve("decoder", **given)
+        parts = self._need(part)
+        prompts = _prompt_list(prompt, "prompt")
+        self._validate(a, num_images, output)
+        generator, used_seed = self.make_generator(seed, generator)
+        image, negative, dec_negative, n = self._embeds_for(
+            prompts, negative_prompt, num_images, image_embeds, negative_image_embeds, a["prior_steps"],
+            a["prior_guidance_scale"], generator)
+        return _Job(a, parts, prompts, generator, used_seed, image, negative, dec_negative, n)
+
+    def _run_job(self, job: _Job, **extra: Any) -> torch.Tensor:
+        a = job.args
+        return self._decode(job.parts, job.prompts, job.decoder_negative, job.image, job.negative, job.n,
+                            a["width"], a["height"], a["steps"], a["guidance_scale"], a["sampler"], job.generator,
+                            **extra)
+
     # ------------------------------------------------------------------ public generation
 
     def text_to_image(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
@@ -532,19 +552,13 @@ class Kandinsky21:
         combined pipeline does) and the same generator continues into the decoder. With ``image_embeds`` only
         the decoder runs and ``negative_prompt`` is the decoder's unconditional text (``KandinskyPipeline``).
         """
-        a = self._resolve("decoder", width=width, height=height, steps=steps, guidance_scale=guidance_scale,
-                          sampler=sampler, prior_steps=prior_steps, prior_guidance_scale=prior_guidance_scale)
-        parts = self._need("decoder")
-        prompts = _prompt_list(prompt, "prompt")
-        self._validate(a, num_images, output)
-        generator, used_seed = self.make_generator(seed, generator)
-        image, negative, dec_negative, n = self._embeds_for(
-            prompts, negative_prompt, num_images, image_embeds, negative_image_embeds, a["prior_steps"],
-            a["prior_guidance_scale"], generator)
-        pixels = self._decode(parts, prompts, dec_negative, image, negative, n, a["width"], a["height"],
-                              a["steps"], a["guidance_scale"], a["sampler"], generator, latents=latents)
+        job = self._conditioned_job("decoder", prompt, negative_prompt, num_images, output, seed, generator,
+                                    image_embeds, negative_image_embeds, width=width, height=height, steps=steps,
+                                    guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
+                                    prior_guidance_scale=prior_guidance_scale)
+        pixels = self._run_job(job, latents=latents)
         return self._finish(pixels, output, mode="txt2img", prompt=prompt, negative_prompt=negative_prompt,
-                            seed=used_seed, **a)
+                            seed=job.seed, **job.args)
 
     def img2img(self, image: imaging.ImageInput, prompt: str | list[str],
                 negative_prompt: str | list[str] | None = None, *, strength: float | None = None,
@@ -564,23 +578,17 @@ class Kandinsky21:
             interval = "[0, 1) (the fraction kept, compat='original')" if self.original else "(0, 1]"
             raise ValueError(f"strength must be in {interval}, got {strength!r}")
         src = imaging.open_image(image, "image")
-        a = self._resolve("decoder", width=width or _round64(src.width), height=height or _round64(src.height),
-                          steps=steps, guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
-                          prior_guidance_scale=prior_guidance_scale)
-        parts = self._need("decoder")
-        prompts = _prompt_list(prompt, "prompt")
-        self._validate(a, num_images, output)
-        generator, used_seed = self.make_generator(seed, generator)
-        emb, negative, dec_negative, n = self._embeds_for(
-            prompts, negative_prompt, num_images, image_embeds, negative_image_embeds, a["prior_steps"],
-            a["prior_guidance_scale"], generator)
-        f = parts.movq.config.downscale_factor
-        lh, lw = latent_size(a["height"], a["width"], f)
+        job = self._conditioned_job("decoder", prompt, negative_prompt, num_images, output, seed, generator,
+                                    image_embeds, negative_image_embeds, width=width or _round64(src.width),
+                                    height=height or _round64(src.height), steps=steps,
+                                    guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
+                                    prior_guidance_scale=prior_guidance_scale)
+        f = job.parts.movq.config.downscale_factor
+        lh, lw = latent_size(job.args["height"], job.args["width"], f)
         init = imaging.to_model_range(src, lw * f, lh * f)
-        pixels = self._decode(parts, prompts, dec_negative, emb, negative, n, a["width"], a["height"], a["steps"],
-                              a["guidance_scale"], a["sampler"], generator, init=init, strength=float(strength))
+        pixels = self._run_job(job, init=init, strength=float(strength))
         return self._finish(pixels, output, mode="img2img", prompt=prompt, negative_prompt=negative_prompt,
-                            seed=used_seed, strength=strength, **a)
+                            seed=job.seed, strength=strength, **job.args)
 
     def inpaint(self, image: imaging.ImageInput, mask: Any, prompt: str | list[str],
                 negative_prompt: str | list[str] | None = None, *, width: int | None = None,
@@ -601,34 +609,29 @@ class Kandinsky21:
                              "give a mask of the image's size")
         if not isinstance(mask, PIL.Image.Image | np.ndarray | torch.Tensor):
             raise ValueError(f"mask must be a PIL image, a path, an array or a tensor, got {type(mask).__name__}")
-        a = self._resolve("decoder", width=width or _round64(src.width), height=height or _round64(src.height),
-                          steps=steps, guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
-                          prior_guidance_scale=prior_guidance_scale)
-        prompts = _prompt_list(prompt, "prompt")
-        self._validate(a, num_images, output)
-        f = parts.movq.config.downscale_factor
-        lh, lw = latent_size(a["height"], a["width"], f)
         if self.original:  # the original's mask means 1 = keep
             mask = PIL.ImageOps.invert(mask.convert("L")) if isinstance(mask, PIL.Image.Image) else 1 - mask
         if not isinstance(mask, PIL.Image.Image):
             repaint = imaging.mask_to_tensor(mask, src.width, src.height)
-            repaint = imaging.resize_mask_nearest(repaint, (lh * f, lw * f))
-        else:
+        job = self._conditioned_job("inpaint", prompt, negative_prompt, num_images, output, seed, generator,
+                                    image_embeds, negative_image_embeds, width=width or _round64(src.width),
+                                    height=height or _round64(src.height), steps=steps,
+                                    guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
+                                    prior_guidance_scale=prior_guidance_scale)
+        f = parts.movq.config.downscale_factor
+        lh, lw = latent_size(job.args["height"], job.args["width"], f)
+        if isinstance(mask, PIL.Image.Image):
             repaint = imaging.mask_to_tensor(mask, lw * f, lh * f)
-        generator, used_seed = self.make_generator(seed, generator)
-        emb, negative, dec_negative, n = self._embeds_for(
-            prompts, negative_prompt, num_images, image_embeds, negative_image_embeds, a["prior_steps"],
-            a["prior_guidance_scale"], generator)
+        else:
+            repaint = imaging.resize_mask_nearest(repaint, (lh * f, lw * f))
         with torch.inference_mode():
             pixels_in = imaging.to_inpaint_range(src, lw * f, lh * f).to(self.device, self.dtype)
             z = parts.movq.encode(pixels_in)
             keep = imaging.resize_mask_nearest((1 - repaint).to(self.device, z.dtype), z.shape[-2:])
             keep = imaging.dilate_keep_mask(keep)
-            masked = z * keep
-        pixels = self._decode(parts, prompts, dec_negative, emb, negative, n, a["width"], a["height"], a["steps"],
-                              a["guidance_scale"], a["sampler"], generator, inpaint=(masked, keep))
+        pixels = self._run_job(job, inpaint=(z * keep, keep))
         return self._finish(pixels, output, mode="inpaint", prompt=prompt, negative_prompt=negative_prompt,
-                            seed=used_seed, **a)
+                            seed=job.seed, **job.args)
 
     def mix(self, items: Sequence[MixItem], weights: Sequence[float], prompt: str = "", *,
             negative_prompt: str = "", negative_prior_prompt: str | None = None, width: int | None = None,
@@ -693,6 +696,21 @@ class Kandinsky21:
             for img in result:
                 img.info["kandinsky"] = info
         return result
+
+
+@dataclass
+class _Job:
+    """What a prompt-conditioned call has resolved before the decoder runs."""
+
+    args: dict[str, Any]
+    parts: DecoderParts
+    prompts: list[str]
+    generator: torch.Generator
+    seed: int | None
+    image: torch.Tensor
+    negative: torch.Tensor
+    decoder_negative: Any
+    n: int
 
 
 def latent_size(height: int, width: int, factor: int = 8) -> tuple[int, int]:
