@@ -312,3 +312,9 @@ def test_convert_and_train_are_wired(capsys, models, tmp_path):
     assert set(model["components"]["unet"]["dtypes"]) == {"F16"}
     code, out, _ = main(capsys, "train", "--help")
     assert code == 0 and "kandinsky train" in out
+
+
+def test_sampler_choices_follow_the_library():
+    from kandinsky.diffusion.samplers import SAMPLERS
+
+    assert cli.SAMPLER_CHOICES == SAMPLERS

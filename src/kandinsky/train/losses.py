@@ -30,14 +30,22 @@ def posterior_log_variance_clipped(schedule: NoiseSchedule) -> torch.Tensor:
 
 
 def hybrid_loss(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(epsilon MSE, VLB in bits) for the UNet ``output`` = [epsilon, v] at timesteps ``t`` (B,)."""
-    c = x0.shape[1]
-    eps, v = output[:, :c].float(), output[:, c:].float()
-    mse = (eps - noise).square().mean()
+                noise: torch.Tensor, output: torch.Tensor, max_weight: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(epsilon MSE, VLB in bits) for the UNet ``output`` = [epsilon, v] at timesteps ``t`` (B,).
 
+    ``max_weight`` > 1 weights each sample's epsilon MSE by min(1 / alpha_bar_t, max_weight): the
+    v-prediction weighting, truncated. At high noise an epsilon error e moves the x0 estimate by
+    e * sqrt((1 - alpha_bar) / alpha_bar), so plain epsilon MSE barely teaches a small model the image's
+    global colours, which the first sampling steps decide.
+    """
+    c = x0.shape[1]
     n = x0.ndim
+    eps, v = output[:, :c].float(), output[:, c:].float()
     ac = _gather(schedule.alphas_cumprod, t, n)
+    weight = (1 / ac).clamp(max=max_weight) if max_weight > 1 else torch.ones_like(ac)
+    mse = ((eps - noise).square() * weight).mean()
+
     ac_prev = _gather(torch.cat([torch.ones(1), schedule.alphas_cumprod[:-1]]), t, n)
     beta = _gather(schedule.betas, t, n)
     log_post = _gather(posterior_log_variance_clipped(schedule), t, n)
