@@ -232,7 +232,8 @@ def test_from_round_trips_every_mode(capsys, models, work, monkeypatch, one_thre
     monkeypatch.chdir(work)
     runs = {
         "m.png": ["mix", "--text", "a blue dog:0.4", "--image", "in.png:0.6", "--negative", "red", "--num", "2"],
-        "i.png": ["img2img", "a green circle", "-i", "in.png", "--strength", "0.7", "--sampler", "ddpm"],
+        "i.png": ["img2img", "a green circle", "-i", "in.png", "--strength", "0.2", "--sampler", "ddpm",
+                  "--compat", "original"],
         "p.png": ["inpaint", "a cat", "-i", "in.png", "-m", "mask.png", "--negative", "", "--sampler", "dpmpp_2m"],
         "v.png": ["variations", "-i", "in.png", "--sampler", "p_sampler", "--guidance", "1"],
     }
@@ -244,6 +245,8 @@ def test_from_round_trips_every_mode(capsys, models, work, monkeypatch, one_thre
         assert code == 0, err
         assert np.array_equal(pixels(work / f"re-{name}"), pixels(work / name)), name
     assert metadata.read_record(work / "p.png")["negative"] == ""
+    assert "Compat: original" in metadata.read_metadata(work / "i.png")["parameters"]
+    assert metadata.read_record(work / "re-i.png")["compat"] == "original"
 
 
 def test_morph_webp_without_frames(capsys, models, work, monkeypatch, one_thread):

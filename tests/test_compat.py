@@ -37,7 +37,7 @@ def test_defaults_and_step_counts(original):
     steps = _steps(original, lambda: original.text_to_image("a red circle", width=64, height=64, steps=75,
                                                            prior_steps=2, sampler="ddim", seed=0, output="np"))
     assert set(steps) == {77}
-    assert original._resolve("decoder", sampler=None, guidance_scale=None) == {"sampler": "p_sampler",
+    assert original.resolve("decoder", sampler=None, guidance_scale=None) == {"sampler": "p_sampler",
                                                                                 "guidance_scale": 7.0}
 
 

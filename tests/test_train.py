@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import tiny
 import torch
 from torch import nn
 
-import tiny
 from kandinsky import Kandinsky21
 from kandinsky.train import shapes
 from kandinsky.train.common import Trainer, read_log
@@ -243,7 +243,8 @@ def test_vlb_vanishes_for_the_true_posterior():
 
 
 def test_quality_checker_reads_clean_renders():
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py")
+    path = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality", path)
     quality = importlib.util.module_from_spec(spec)
     sys.modules["quality"] = quality
     spec.loader.exec_module(quality)

@@ -36,6 +36,7 @@ SAMPLER_CHOICES = ("ddim", "ddpm", "p_sampler", "dpmpp_2m")  # kandinsky.diffusi
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 INTERPOLATIONS = ("slerp", "lerp")
+COMPATS = ("diffusers", "original")  # kandinsky.pipeline.COMPATS
 
 COMMAND_MODE = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint", "mix": "mix",
                 "variations": "variations", "morph": "morph"}
@@ -52,7 +53,7 @@ MODE_KEYS: dict[str, tuple[str, ...]] = {
 NEEDS = {"txt2img": ("decoder", "prior"), "img2img": ("decoder", "prior"), "inpaint": ("inpaint", "prior"),
          "mix": ("decoder", "prior"), "variations": ("decoder", "prior"), "morph": ("decoder", "prior")}
 MODEL_KEYS = ("model", "prior", "inpaint", "original")
-RECORD_KEYS = set().union(*MODE_KEYS.values()) | {"mode", "index", "frame"} | set(MODEL_KEYS) | {"dtype"}
+RECORD_KEYS = set().union(*MODE_KEYS.values()) | {"mode", "index", "frame", "dtype", "compat"} | set(MODEL_KEYS)
 ALIASES = {"negative_prompt": "negative", "guidance_scale": "guidance", "cfg_scale": "guidance",
            "prior_guidance_scale": "prior_guidance", "num_images": "num", "init_image": "image"}
 EXAMPLES = {
@@ -146,6 +147,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--original", metavar="DIR", help="a folder of the original (non-diffusers) checkpoints")
     g.add_argument("--device", choices=DEVICES, help="default: auto (cuda, then mps, then cpu)")
     g.add_argument("--dtype", choices=DTYPES, help="default: auto (float16 on cuda, else float32)")
+    g.add_argument("--compat", choices=COMPATS,
+                   help="diffusers (default) or original: the ai-forever repository's sampling semantics "
+                        "(img2img strength = fraction kept, inpaint mask white = keep)")
 
 
 def _gen_flags(p: argparse.ArgumentParser, *, prior: bool = True, num: bool = True, out: bool = True,
@@ -182,7 +186,7 @@ def _line_parser(mode: str) -> Parser:
     if mode in ("img2img", "inpaint", "variations"):
         p.add_argument("-i", "--image")
     if mode == "img2img":
-        p.add_argument("--strength", type=_float_type("strength", 0.0, 1.0, low_open=True))
+        p.add_argument("--strength", type=_float_type("strength", 0.0, 1.0))
     if mode == "inpaint":
         p.add_argument("-m", "--mask")
     return p
@@ -232,8 +236,9 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
         p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or --prompt)")
         p.add_argument("-i", "--image", metavar="PATH", help="the input image")
         if name == "img2img":
-            p.add_argument("--strength", type=_float_type("strength", 0.0, 1.0, low_open=True),
-                           help="fraction of the trajectory re-drawn, in (0, 1] (default 0.3)")
+            p.add_argument("--strength", type=_float_type("strength", 0.0, 1.0),
+                           help="fraction of the trajectory re-drawn, in (0, 1] (default 0.3); with --compat "
+                                "original the fraction kept, in [0, 1) (default 0.7)")
         if name == "inpaint":
             p.add_argument("-m", "--mask", metavar="PATH", help="the mask: white = repaint, same size as the image")
         if name != "variations":
@@ -402,8 +407,8 @@ def check_job(job: dict[str, Any]) -> None:
         v = job.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0):
             raise ValueError(f"{key} must be a non-negative number, got {v!r}")
-    if job.get("strength") is not None and not 0 < job["strength"] <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {job['strength']!r}")
+    if job.get("strength") is not None and not 0 <= job["strength"] <= 1:  # the pipeline checks the end points
+        raise ValueError(f"strength must be in [0, 1], got {job['strength']!r}")
     if job.get("sampler") is not None and job["sampler"] not in SAMPLER_CHOICES:
         raise ValueError(f"unknown sampler {job['sampler']!r}; choose one of {', '.join(SAMPLER_CHOICES)}")
     for key in ("prompt", "negative"):
@@ -453,6 +458,7 @@ def model_choice(args: argparse.Namespace, record: dict[str, Any] | None = None)
     """Model folders and dtype: the command line's, else those recorded in a ``--from`` image, else bundled."""
     chosen: dict[str, Any] = {key: getattr(args, key, None) for key in MODEL_KEYS}
     chosen["dtype"] = getattr(args, "dtype", None)
+    chosen["compat"] = getattr(args, "compat", None) or (record or {}).get("compat")
     if record and not chosen["original"]:
         given = any(chosen[k] for k in ("model", "prior", "inpaint"))
         for key in ("model", "prior", "inpaint") if given else MODEL_KEYS:
@@ -480,7 +486,8 @@ def load_pipeline(args: argparse.Namespace, need: Sequence[str], choice: dict[st
         dtype = "float16" if device.type == "cuda" else "float32"
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    noted: dict[str, Any] = {"dtype": dtype}
+    compat = choice.get("compat") or "diffusers"
+    noted: dict[str, Any] = {"dtype": dtype, "compat": compat}
     if choice.get("original"):
         original = _optional_module("kandinsky.weights.original_format", "--original (the original checkpoint format)")
         folder = Path(choice["original"])
@@ -491,7 +498,8 @@ def load_pipeline(args: argparse.Namespace, need: Sequence[str], choice: dict[st
         if "inpaint" in need and inpaint is None:
             raise FileNotFoundError(f"{folder} has no inpainting checkpoint")
         pipe = Kandinsky21(decoder=decoder if "decoder" in need else None, prior=prior,
-                           inpaint=inpaint if "inpaint" in need else None, device=device, dtype=torch_dtype)
+                           inpaint=inpaint if "inpaint" in need else None, device=device, dtype=torch_dtype,
+                           compat=compat)
         noted["original"] = str(folder.resolve())
         return pipe, noted
     folders: dict[str, Any] = {}
@@ -505,7 +513,7 @@ def load_pipeline(args: argparse.Namespace, need: Sequence[str], choice: dict[st
         folders[role] = folder
         noted[key] = str(folder.resolve()) if given else None
     pipe = Kandinsky21.from_pretrained(decoder=folders.get("decoder"), prior=folders.get("prior"),
-                                       inpaint=folders.get("inpaint"), device=device, dtype=dtype)
+                                       inpaint=folders.get("inpaint"), device=device, dtype=dtype, compat=compat)
     return pipe, noted
 
 
@@ -514,7 +522,7 @@ def load_pipeline(args: argparse.Namespace, need: Sequence[str], choice: dict[st
 
 def _resolved(pipe: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Fill unset sizes/steps/guidance/sampler from the model folder's defaults, then the published ones."""
-    resolve = getattr(pipe, "resolve", None) or pipe._resolve
+    resolve = pipe.resolve
     a = resolve("decoder", width=job.get("width"), height=job.get("height"), steps=job.get("steps"),
                 guidance_scale=job.get("guidance"), sampler=job.get("sampler"), prior_steps=job.get("prior_steps"),
                 prior_guidance_scale=job.get("prior_guidance"))
@@ -555,7 +563,7 @@ def make_record(job: dict[str, Any], info: dict[str, Any], model: dict[str, Any]
     """The metadata record of one output image."""
     from . import __version__
 
-    record = {k: v for k, v in job.items() if k in RECORD_KEYS and k not in MODEL_KEYS and k != "dtype"}
+    record = {k: v for k, v in job.items() if k in RECORD_KEYS and k not in (*MODEL_KEYS, "dtype", "compat")}
     record.setdefault("negative", None)
     for key, name in INFO_KEYS.items():
         if info.get(key) is not None:
@@ -565,6 +573,7 @@ def make_record(job: dict[str, Any], info: dict[str, Any], model: dict[str, Any]
         if model.get(key):
             record[key] = model[key]
     record["dtype"] = model.get("dtype")
+    record["compat"] = model.get("compat", "diffusers")
     record["version"] = __version__
     return record
 

@@ -9,7 +9,8 @@ other tools read::
 
 PNGs also carry the same record as JSON in a ``kandinsky`` chunk (exact types and the model folders). A *record*
 is a flat dict with the CLI's names: ``mode prompt negative width height steps guidance sampler seed num index
-prior_steps prior_guidance strength image mask items frames frame interp model prior inpaint original dtype``.
+prior_steps prior_guidance strength image mask items frames frame interp model prior inpaint original dtype
+compat``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("Morph frame", "frame", int),
     ("Interpolation", "interp", str),
     ("Dtype", "dtype", str),
+    ("Compat", "compat", str),
     ("Version", "version", str),
 )
 _PARAM = re.compile(r'\s*(\w[\w \-/+]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -96,6 +98,8 @@ def build_parameters(record: dict[str, Any]) -> str:
         if value is None or (key in ("num", "index") and (record.get("num") or 1) <= 1):
             continue
         if key == "items" and (name == "Mix") == (record.get("mode") == "morph"):
+            continue
+        if key == "compat" and value == "diffusers":  # the default; absent means diffusers
             continue
         params.append((name, json.dumps(value, ensure_ascii=False) if kind == "json" else value))
     lines.append(", ".join(f"{name}: {_quote(value)}" for name, value in params))

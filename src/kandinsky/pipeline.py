@@ -329,7 +329,7 @@ class Kandinsky21:
 
     # ------------------------------------------------------------------ decoder
 
-    def _resolve(self, part: str, **given: Any) -> dict[str, Any]:
+    def resolve(self, part: str, **given: Any) -> dict[str, Any]:
         """Fill unspecified (None) arguments from the model folder's defaults, then the published ones."""
         published = {"width": 512, "height": 512, "steps": 100, "guidance_scale": 4.0, "sampler": "ddim",
                      "prior_steps": 25, "prior_guidance_scale": 4.0}
@@ -521,7 +521,7 @@ class Kandinsky21:
                          seed: int | None, generator: torch.Generator | None, image_embeds: Any,
                          negative_image_embeds: Any, **given: Any) -> _Job:
         """Shared set-up of the prompt-conditioned modes: defaults, validation, generator, image embeddings."""
-        a = self._resolve("decoder", **given)
+        a = self.resolve("decoder", **given)
         parts = self._need(part)
         prompts = _prompt_list(prompt, "prompt")
         self._validate(a, num_images, output)
@@ -640,7 +640,7 @@ class Kandinsky21:
             prior_guidance_scale: float | None = None, num_images: int = 1, output: str = "pil",
             generator: torch.Generator | None = None) -> Any:
         """Mix prompts and images with weights in CLIP space, then decode (decoder prompt ``prompt``)."""
-        a = self._resolve("decoder", width=width, height=height, steps=steps, guidance_scale=guidance_scale,
+        a = self.resolve("decoder", width=width, height=height, steps=steps, guidance_scale=guidance_scale,
                           sampler=sampler, prior_steps=prior_steps, prior_guidance_scale=prior_guidance_scale)
         parts = self._need("decoder")
         self._validate(a, num_images, output)
@@ -658,7 +658,7 @@ class Kandinsky21:
                    num_images: int = 1, output: str = "pil", generator: torch.Generator | None = None) -> Any:
         """New images from one image's CLIP embedding (negative: the zero-image embedding); ``prompt`` and
         ``negative_prompt`` are the decoder's text (empty by default)."""
-        a = self._resolve("decoder", width=width, height=height, steps=steps, guidance_scale=guidance_scale,
+        a = self.resolve("decoder", width=width, height=height, steps=steps, guidance_scale=guidance_scale,
                           sampler=sampler)
         parts = self._need("decoder")
         self._validate(a, num_images, output)

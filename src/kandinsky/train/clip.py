@@ -83,7 +83,7 @@ class ClipHeads(nn.Module):
         self.labels = nn.Linear(dim, N_LABELS)
 
     def aux_loss(self, img: torch.Tensor, bg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.background(img), bg) + 5 * F.binary_cross_entropy_with_logits(
+        return F.cross_entropy(self.background(img), bg) + 10 * F.binary_cross_entropy_with_logits(
             self.labels(img), labels)
 
 

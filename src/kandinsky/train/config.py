@@ -60,10 +60,10 @@ class Preset:
     prior_head_dim: int = 32
     prior_layers: int = 4
     # decoder UNet
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (48, 96, 128)
     unet_layers: int = 1
-    unet_head_dim: int = 32
-    unet_groups: int = 32
+    unet_head_dim: int = 16
+    unet_groups: int = 16
     schedules: dict[str, StageSchedule] = field(default_factory=dict)
     # recommended inference settings recorded in the exported folders
     infer_steps: int = 50
@@ -81,12 +81,12 @@ class Preset:
 BUNDLED = Preset(
     name="bundled",
     schedules={
-        "clip": StageSchedule(steps=600, batch=128, lr=2e-3, warmup=50),
-        "mclip": StageSchedule(steps=600, batch=128, lr=2e-3, warmup=50),
-        "movq": StageSchedule(steps=1000, batch=16, lr=2e-3, warmup=50),
-        "prior": StageSchedule(steps=1500, batch=128, lr=1e-3, warmup=100),
-        "decoder": StageSchedule(steps=1500, batch=32, lr=1e-3, warmup=100),
-        "inpaint": StageSchedule(steps=300, batch=32, lr=5e-4, warmup=30),
+        "clip": StageSchedule(steps=800, batch=128, lr=2e-3, warmup=50),
+        "mclip": StageSchedule(steps=300, batch=128, lr=2e-3, warmup=30),
+        "movq": StageSchedule(steps=800, batch=16, lr=2e-3, warmup=50),
+        "prior": StageSchedule(steps=1000, batch=128, lr=1e-3, warmup=50),
+        "decoder": StageSchedule(steps=3000, batch=32, lr=1e-3, warmup=100),
+        "inpaint": StageSchedule(steps=400, batch=32, lr=5e-4, warmup=30),
     },
 )
 

@@ -7,6 +7,10 @@ Condition dropout makes classifier-free guidance work as the pipeline applies it
 with probability 0.5 and the image embedding becomes the zero-image embedding with probability 0.15, so the
 unconditional branch (zero-image embedding + "") is seen too.
 
+The training noise has a per-channel constant "offset" (std 0.3) on top of the i.i.d. Gaussian. Without it a
+small model reads the picture's colours off the mean of x_t, which at high noise is mostly the mean of the
+noise, instead of off the conditioning: sampling from pure noise then gives random background colours.
+
 The inpainting UNet starts from the decoder (``conv_in`` widened to 9 input channels, the new ones zero) and
 learns to fill holes: its input is [x_t, masked image latent, keep mask] with keep = 1 where the image stays.
 """
@@ -27,6 +31,7 @@ from .workspace import Workspace
 
 TEXT_DROP = 0.5
 IMAGE_DROP = 0.15
+OFFSET_NOISE = 0.3
 
 
 class Conditioner:
@@ -66,6 +71,7 @@ def _train_unet(ws: Workspace, stage: str, unet: DecoderUNet, masks: bool) -> di
         z0 = latents[idx].float()
         t = torch.randint(0, schedule.num_train_timesteps, (z0.shape[0],), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
+        noise = noise + OFFSET_NOISE * torch.randn(*z0.shape[:2], 1, 1, generator=gen)
         x_t = schedule.add_noise(z0, noise, t)
         inp = x_t
         if masks:
