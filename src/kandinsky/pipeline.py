@@ -501,7 +501,8 @@ class Kandinsky21:
 
     def set_progress(self, progress: bool | Callable[[str, int, int], None]) -> None:
         """Report sampling progress: ``True`` for tqdm bars on stderr, a callable ``(stage, done, total)``,
-        or ``False`` for none (the default)."""
+        or ``False`` for none (the default). A callable with a true ``wants_latents`` attribute is also given
+        ``latents=`` the current sample after each step (the prior's embeddings, the decoder's latents)."""
         if progress is True:
             self.progress = TqdmProgress()
         elif progress is False or progress is None:
@@ -515,6 +516,8 @@ class Kandinsky21:
         if self.progress is None:
             return None
         report = self.progress
+        if getattr(report, "wants_latents", False):  # a callback may ask for the current sample (live previews)
+            return lambda i, t, x: report(stage, i + 1, total, latents=x)
         return lambda i, t, x: report(stage, i + 1, total)
 
     def _conditioned_job(self, part: str, prompt: Any, negative_prompt: Any, num_images: int, output: str,
