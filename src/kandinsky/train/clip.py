@@ -25,7 +25,10 @@ from .shapes import Mention, Scene
 from .workspace import Workspace
 
 N_COLORS, N_SHAPES, N_POS = len(shapes.COLOR_NAMES), len(shapes.SHAPES), len(shapes.POSITION_NAMES)
-N_LABELS = N_COLORS + N_SHAPES + N_COLORS * N_SHAPES + N_COLORS * N_POS + N_SHAPES * 2 + 2
+# multi-hot label groups: colours, shapes, colour-shape, colour-position, shape-size, number of objects
+GROUPS = (N_COLORS, N_SHAPES, N_COLORS * N_SHAPES, N_COLORS * N_POS, N_SHAPES * 2, 2)
+GROUP_WEIGHTS = (1.0, 3.0, 2.0, 1.0, 2.0, 1.0)  # shape is what a small ViT learns last
+N_LABELS = sum(GROUPS)
 
 
 def attribute_targets(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +86,15 @@ class ClipHeads(nn.Module):
         self.labels = nn.Linear(dim, N_LABELS)
 
     def aux_loss(self, img: torch.Tensor, bg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.background(img), bg) + 10 * F.binary_cross_entropy_with_logits(
-            self.labels(img), labels)
+        """Background cross-entropy plus the weighted mean BCE of each label group."""
+        loss = F.cross_entropy(self.background(img), bg)
+        logits = self.labels(img)
+        start = 0
+        for width, weight in zip(GROUPS, GROUP_WEIGHTS, strict=True):
+            part = slice(start, start + width)
+            loss = loss + 2 * weight * F.binary_cross_entropy_with_logits(logits[:, part], labels[:, part])
+            start += width
+        return loss
 
 
 def clip_batch(ws: Workspace, ds: D.ShapesData, tok, idx: torch.Tensor, rng: random.Random

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -288,19 +287,9 @@ class StageClock:
         return {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), **extra}
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def read_log(folder: Path) -> list[dict[str, float]]:
     """The loss log of a stage folder (one dict per step)."""
     path = Path(folder) / "log.jsonl"
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def mean_loss(log: list[dict[str, float]], key: str = "loss") -> float:
-    return float(np.mean([r[key] for r in log])) if log else float("nan")

@@ -43,10 +43,10 @@ class Preset:
     clip_max_len: int = 32
     clip_text_layers: int = 3
     clip_text_heads: int = 4
-    clip_vision_width: int = 128
+    clip_vision_width: int = 96
     clip_vision_layers: int = 3
     clip_vision_heads: int = 4
-    clip_patch: int = 16
+    clip_patch: int = 8
     # M-CLIP (XLM-R style)
     mclip_width: int = 128
     mclip_layers: int = 3
@@ -81,11 +81,11 @@ class Preset:
 BUNDLED = Preset(
     name="bundled",
     schedules={
-        "clip": StageSchedule(steps=800, batch=128, lr=2e-3, warmup=50),
+        "clip": StageSchedule(steps=900, batch=128, lr=2e-3, warmup=50),
         "mclip": StageSchedule(steps=300, batch=128, lr=2e-3, warmup=30),
         "movq": StageSchedule(steps=800, batch=16, lr=2e-3, warmup=50),
         "prior": StageSchedule(steps=1000, batch=128, lr=1e-3, warmup=50),
-        "decoder": StageSchedule(steps=3000, batch=32, lr=1e-3, warmup=100),
+        "decoder": StageSchedule(steps=5000, batch=32, lr=1e-3, warmup=100),
         "inpaint": StageSchedule(steps=400, batch=32, lr=5e-4, warmup=30),
     },
 )

@@ -14,7 +14,7 @@ Layout of ``--out DIR``::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,3 @@ class Workspace:
 
 def _sub(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
-
-
-def preset_fields() -> list[str]:
-    return [f.name for f in fields(Preset)]

@@ -109,10 +109,17 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, *, dtype: 
     tmp = path.with_name(path.name + ".partial")
     try:
         save_file(out, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> Path:
