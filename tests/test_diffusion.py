@@ -14,6 +14,8 @@ from kandinsky.diffusion.schedules import (
     leading_timesteps,
     linspace_timesteps,
     prior_schedule,
+    solver_sigmas,
+    solver_timesteps,
     spaced_timesteps,
 )
 
@@ -147,3 +149,56 @@ def test_add_noise_matches_formula():
     x0, noise = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     out = s.add_noise(x0, noise, torch.tensor([0, 298]))
     assert out[1].mean().item() == pytest.approx(s.alphas_cumprod[298].sqrt().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("karras", [False, True], ids=["linspace", "karras"])
+@pytest.mark.parametrize("kind", ["dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("steps", [1, 2, 7, 20])
+def test_multistep_solvers_match_diffusers(kind, karras, steps):
+    """DPM-Solver++(2M) and UniPC, default or Karras sigmas, step for step like diffusers' schedulers."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    cls = DPMSolverMultistepScheduler if kind == "dpmpp_2m" else UniPCMultistepScheduler
+    sched = cls(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=karras)
+    sched.set_timesteps(steps)
+    timesteps, sigmas = solver_sigmas(decoder_schedule(), steps, karras=karras)
+    assert timesteps == [int(t) for t in sched.timesteps]
+    assert torch.equal(sigmas, sched.sigmas)
+
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    x = x0.clone()
+    for t in sched.timesteps:
+        x = sched.step(_toy_eps(x, int(t))[:, :4], t, x).prev_sample
+    seen = []
+    ours = getattr(samplers, kind)(_toy_eps, x0.clone(), decoder_schedule(), timesteps, sigmas=sigmas,
+                                   callback=lambda i, t, z: seen.append(t))
+    assert seen == timesteps
+    assert torch.allclose(ours, x, atol=1e-5, rtol=1e-5), (ours - x).abs().max()
+
+
+def test_solver_timesteps_default_sigmas():
+    """Without explicit sigmas the solvers use the schedule's sigmas at the timesteps (diffusers' default)."""
+    timesteps, sigmas = solver_sigmas(decoder_schedule(), 9)
+    assert timesteps == solver_timesteps(9) and sigmas[-1] == 0
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    for sampler in (samplers.dpmpp_2m, samplers.unipc):
+        a = sampler(_toy_eps, x0.clone(), decoder_schedule(), timesteps)
+        b = sampler(_toy_eps, x0.clone(), decoder_schedule(), timesteps, sigmas=sigmas)
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="sigmas"):
+        samplers.unipc(_toy_eps, x0, decoder_schedule(), timesteps, sigmas=sigmas[:-1])
+
+
+def test_unipc_recovers_known_x0():
+    schedule = decoder_schedule()
+    target = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    ac = schedule.alphas_cumprod
+
+    def oracle(x, t):
+        return (x - ac[t].sqrt() * target) / (1 - ac[t]).sqrt()
+
+    timesteps, sigmas = solver_sigmas(schedule, 6, karras=True)
+    x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(6))
+    # the oracle is exact at integer timesteps; Karras sigmas are continuous, so start on the model's own sigma
+    out = samplers.unipc(oracle, x * (1 - ac[999]).sqrt() + ac[999].sqrt() * target, schedule, timesteps)
+    assert torch.allclose(out, target, atol=1e-4)

@@ -32,7 +32,8 @@ PROG = "kandinsky"
 EXIT_ERROR, EXIT_CRASH = 2, 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ANIMATION_SUFFIXES = (".gif", ".webp")
-SAMPLER_CHOICES = ("ddim", "ddpm", "p_sampler", "dpmpp_2m")  # kandinsky.diffusion.samplers.SAMPLERS
+# kandinsky.diffusion.samplers.SAMPLERS
+SAMPLER_CHOICES = ("ddim", "ddpm", "p_sampler", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "unipc_karras")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 INTERPOLATIONS = ("slerp", "lerp")
@@ -285,9 +286,11 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     p.add_argument("path", nargs="?", metavar="PATH", help="an image, or a model folder (default: the bundled model)")
     _output_flags(p)
 
-    p = command("serve", "run the HTTP server", cmd_serve)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_int_type("port", 1), default=8000, help="port (default 8000)")
+    p = command("serve", "run the HTTP server and web page (the /v1 API, A1111's /sdapi/v1 subset, a page at /)",
+                cmd_serve)
+    from .server.config import add_serve_arguments
+
+    add_serve_arguments(p)
     _model_flags(p)
     _output_flags(p)
 
@@ -1084,16 +1087,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start :mod:`kandinsky.server`."""
+    """Start :mod:`kandinsky.server` (needs FastAPI and uvicorn: ``pip install 'kandinsky[server]'``)."""
+    import importlib.util
+
+    for package in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(package) is None:
+            raise CLIError(f"kandinsky serve needs the '{package}' package; pip install 'kandinsky[server]'")
     server = _optional_module("kandinsky.server", "kandinsky serve: the HTTP server")
     run = getattr(server, "main", None)
     if run is None:
         raise CLIError("kandinsky serve: kandinsky.server has no main() entry point")
-    forwarded = ["--host", args.host, "--port", str(args.port)]
-    for key in ("model", "prior", "inpaint", "original", "device", "dtype"):
-        if getattr(args, key, None):
-            forwarded += [f"--{key}", str(getattr(args, key))]
-    return int(run(forwarded) or 0)
+    return int(run(args) or 0)
 
 
 # ================================================================================================ entry point

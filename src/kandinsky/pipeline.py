@@ -25,8 +25,8 @@ from .diffusion.schedules import (
     check_steps,
     img2img_noise_schedule,
     leading_timesteps,
-    linspace_timesteps,
     original_ddim_timesteps,
+    solver_sigmas,
     spaced_timesteps,
 )
 from .models.text_encoders import clip_image_embeds, clip_text_features
@@ -496,8 +496,11 @@ class Kandinsky21:
         if sampler == "p_sampler":
             return spaced_timesteps(steps, total), schedule, lambda d, x, ts, known, progress: samplers.p_sampler(
                 d, x, schedule, ts, generator=generator, known=known, callback=progress)
-        return linspace_timesteps(steps, total), schedule, lambda d, x, ts, known, progress: samplers.dpmpp_2m(
-            d, x, schedule, ts, callback=progress)
+        # multistep solvers (diffusers' DPMSolverMultistep / UniPC defaults, optionally Karras sigmas)
+        timesteps, sigmas = solver_sigmas(schedule, steps, karras=sampler.endswith("_karras"))
+        solver = samplers.dpmpp_2m if sampler.startswith("dpmpp_2m") else samplers.unipc
+        return timesteps, schedule, lambda d, x, ts, known, progress: solver(
+            d, x, schedule, ts, sigmas=sigmas[len(timesteps) - len(ts):], callback=progress)
 
     def set_progress(self, progress: bool | Callable[[str, int, int], None]) -> None:
         """Report sampling progress: ``True`` for tqdm bars on stderr, a callable ``(stage, done, total)``,

@@ -18,7 +18,7 @@ from .schedules import NoiseSchedule
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None] | None
 
-SAMPLERS = ("ddim", "ddpm", "p_sampler", "dpmpp_2m")
+SAMPLERS = ("ddim", "ddpm", "p_sampler", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "unipc_karras")
 
 
 def randn(shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype,
@@ -140,32 +140,127 @@ def p_sampler(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, time
     return _ancestral(denoiser, x, schedule, timesteps, generator, fix_x0, True, callback)
 
 
-def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
-             callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) on the discrete VP schedule with an epsilon model.
+def _sigmas_at(schedule: NoiseSchedule, timesteps: Sequence[int], sigmas: torch.Tensor | None) -> torch.Tensor:
+    """The solver's sigmas: given (S + 1 values), or the schedule's at ``timesteps`` followed by 0 (float32)."""
+    if sigmas is not None:
+        if len(sigmas) != len(timesteps) + 1:
+            raise ValueError(f"{len(timesteps)} timesteps need {len(timesteps) + 1} sigmas, got {len(sigmas)}")
+        return sigmas.to(torch.float32)
+    ac = schedule.alphas_cumprod
+    at = ac[torch.as_tensor(list(timesteps), dtype=torch.long)]
+    return torch.cat([((1 - at) / at) ** 0.5, torch.zeros(1)])
 
-    Deterministic; the final step goes to sigma = 0, i.e. returns the last clean-sample estimate.
+
+def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α_t, σ_t) of the VP process at sigma = σ_t / α_t (0-d float32, diffusers' arithmetic)."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def _lambda(sigma: torch.Tensor) -> torch.Tensor:
+    """Half log-SNR λ = log α - log σ (+inf at sigma = 0)."""
+    alpha, s = _alpha_sigma(sigma)
+    return torch.log(alpha) - torch.log(s)
+
+
+def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+             sigmas: torch.Tensor | None = None, callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler with its defaults
+    (midpoint, first-order first and last steps, final sigma 0).
+
+    ``sigmas`` (S + 1 values, from :func:`~kandinsky.diffusion.schedules.solver_sigmas`) are where the solver
+    steps, e.g. Karras-spaced; by default the schedule's sigmas at ``timesteps``. Deterministic; the last step
+    returns the final clean-sample estimate.
     """
-    channels = x.shape[1]
-    ac = schedule.alphas_cumprod.double()
-    old_x0: torch.Tensor | None = None
-    h_last: float | None = None
+    sig = _sigmas_at(schedule, timesteps, sigmas)
+    channels, dtype = x.shape[1], x.dtype
+    prev_x0: torch.Tensor | None = None
     for i, t in enumerate(timesteps):
         eps, _ = _split(denoiser(x, t), channels)
-        alpha, sigma = ac[t].sqrt().item(), (1 - ac[t]).sqrt().item()
-        x0 = (x - sigma * eps) / alpha
-        if i + 1 == len(timesteps):
-            x = x0
+        alpha_s, sigma_s = _alpha_sigma(sig[i])
+        x0 = (x - sigma_s * eps) / alpha_s
+        alpha_t, sigma_t = _alpha_sigma(sig[i + 1])
+        h = _lambda(sig[i + 1]) - _lambda(sig[i])
+        phi = alpha_t * (torch.exp(-h) - 1.0)
+        xf = x.to(torch.float32)
+        if prev_x0 is None or i + 1 == len(timesteps):
+            x = (sigma_t / sigma_s) * xf - phi * x0
         else:
-            nxt = timesteps[i + 1]
-            alpha_n, sigma_n = ac[nxt].sqrt().item(), (1 - ac[nxt]).sqrt().item()
-            h = (torch.tensor(alpha_n / sigma_n).log() - torch.tensor(alpha / sigma).log()).item()
-            d = x0
-            if old_x0 is not None and h_last is not None:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
-            x = (sigma_n / sigma) * x - alpha_n * torch.expm1(torch.tensor(-h)).item() * d
-            old_x0, h_last = x0, h
+            r0 = (_lambda(sig[i]) - _lambda(sig[i - 1])) / h
+            d1 = (1.0 / r0) * (x0 - prev_x0)
+            x = (sigma_t / sigma_s) * xf - phi * x0 - 0.5 * phi * d1
+        x = x.to(dtype)
+        prev_x0 = x0
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _bh2(h: torch.Tensor, rks: list[torch.Tensor], order: int) -> tuple[torch.Tensor, ...]:
+    """UniPC's B(h) = e^h - 1 ("bh2") coefficients in data-prediction form: (R, b, h·φ₁, B(h))."""
+    r = torch.stack([*rks, torch.ones(())])
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = torch.expm1(hh)
+    rows, b, factorial = [], [], 1
+    for i in range(1, order + 1):
+        rows.append(torch.pow(r, i - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return torch.stack(rows), torch.stack(b), h_phi_1, b_h
+
+
+def _unipc_update(x: torch.Tensor, m: list[torch.Tensor], sig: torch.Tensor, t_index: int, s_index: int,
+                  order: int, model_t: torch.Tensor | None = None) -> torch.Tensor:
+    """One UniP (predictor, ``model_t`` None) or UniC (corrector with the new model output ``model_t``) step
+    from sigma index ``s_index`` to ``t_index``; ``m`` holds the data predictions, the newest (at s) last."""
+    alpha_t, sigma_t = _alpha_sigma(sig[t_index])
+    _, sigma_s0 = _alpha_sigma(sig[s_index])
+    lambda_s0 = _lambda(sig[s_index])
+    h = _lambda(sig[t_index]) - lambda_s0
+    m0 = m[-1]
+    rks, d1s = [], []
+    if order == 2:
+        rk = (_lambda(sig[s_index - 1]) - lambda_s0) / h
+        rks.append(rk)
+        d1s.append((m[-2] - m0) / rk)
+    r, b, h_phi_1, b_h = _bh2(h, rks, order)
+    d1 = torch.stack(d1s, dim=1) if d1s else None
+    x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+    if model_t is None:  # predictor
+        if d1 is None:
+            return x_t.to(x.dtype)
+        rhos = torch.ones(1, dtype=x.dtype) * 0.5
+        return (x_t - alpha_t * b_h * torch.einsum("k,bkc...->bc...", rhos, d1)).to(x.dtype)
+    rhos = torch.ones(1, dtype=x.dtype) * 0.5 if order == 1 else torch.linalg.solve(r, b).to(x.dtype)
+    corr = torch.einsum("k,bkc...->bc...", rhos[:-1], d1) if d1 is not None else 0
+    return (x_t - alpha_t * b_h * (corr + rhos[-1] * (model_t - m0))).to(x.dtype)
+
+
+def unipc(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+          sigmas: torch.Tensor | None = None, callback: Callback = None) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler with its defaults: order 2, B(h) = e^h - 1,
+    data prediction, the corrector after every model call, lower order at the start and the end.
+
+    One model call per step (the corrector reuses the next step's call). ``sigmas`` as for :func:`dpmpp_2m`.
+    """
+    sig = _sigmas_at(schedule, timesteps, sigmas)
+    channels, n = x.shape[1], len(timesteps)
+    m: list[torch.Tensor] = []
+    last_sample: torch.Tensor | None = None
+    order = 0
+    for i, t in enumerate(timesteps):
+        eps, _ = _split(denoiser(x, t), channels)
+        alpha_s, sigma_s = _alpha_sigma(sig[i])
+        m_new = (x - sigma_s * eps) / alpha_s
+        if last_sample is not None:  # correct the sample this output was computed at
+            x = _unipc_update(last_sample, m, sig, i, i - 1, order, model_t=m_new)
+        m = [*m[-1:], m_new]
+        order = min(2, n - i, i + 1)
+        last_sample = x
+        x = _unipc_update(x, m, sig, i + 1, i, order)
         if callback is not None:
             callback(i, t, x)
     return x

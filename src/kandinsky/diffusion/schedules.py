@@ -109,6 +109,45 @@ def linspace_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]
     return [int(v) for v in np.linspace(0, num_train_timesteps - 1, steps).round()[::-1]]
 
 
+def solver_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """diffusers' "linspace" spacing of its multistep solvers (DPMSolverMultistep, UniPC): the first S of S + 1
+    evenly spaced points from T-1 down to 0 (the solver's last step then goes to sigma = 0)."""
+    check_steps(steps, num_train_timesteps)
+    return [int(v) for v in np.linspace(0, num_train_timesteps - 1, steps + 1).round()[::-1][:-1]]
+
+
+def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+    """Fractional training timestep of a sigma, interpolated in log-sigma (diffusers ``_sigma_to_t``)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return float(((1 - w) * low + w * (low + 1)).reshape(()))
+
+
+def solver_sigmas(schedule: NoiseSchedule, steps: int, karras: bool = False,
+                  rho: float = 7.0) -> tuple[list[int], torch.Tensor]:
+    """Timesteps and sigmas (float32, S + 1 values, the last 0) of diffusers' multistep solvers, sigma = √((1-ᾱ)/ᾱ).
+
+    ``karras=False``: :func:`solver_timesteps` and the schedule's sigmas there (diffusers' default);
+    ``karras=True``: Karras et al.'s ρ = 7 spacing of sigma between the schedule's extremes, each solved for at
+    its continuous sigma and given to the model at the nearest timestep (``use_karras_sigmas=True``).
+    """
+    check_steps(steps, schedule.num_train_timesteps)
+    ac = schedule.alphas_cumprod
+    sigmas = np.array(((1 - ac) / ac) ** 0.5)  # float32, as diffusers computes it
+    if karras:
+        log_sigmas = np.log(sigmas)
+        s_min, s_max = sigmas[0].item(), sigmas[-1].item()
+        ramp = np.linspace(0, 1, steps)
+        chosen = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        timesteps = [int(v) for v in np.array([_sigma_to_t(s, log_sigmas) for s in chosen]).round()]
+    else:
+        timesteps = solver_timesteps(steps, schedule.num_train_timesteps)
+        chosen = sigmas[timesteps]
+    return timesteps, torch.from_numpy(np.concatenate([chosen, [0.0]]).astype(np.float32))
+
+
 def karras_timesteps(steps: int, schedule: NoiseSchedule, rho: float = 7.0) -> list[int]:
     """Karras et al. sigma spacing mapped back to the nearest integer training timesteps (may merge duplicates)."""
     check_steps(steps, schedule.num_train_timesteps)
