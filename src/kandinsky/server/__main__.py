@@ -1,0 +1,7 @@
+"""``python -m kandinsky.server [options]`` is ``kandinsky serve [options]``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

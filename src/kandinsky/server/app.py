@@ -1,0 +1,400 @@
+"""The FastAPI application: the ``/v1`` API, the AUTOMATIC1111 subset, the web page, limits and access."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from .config import Limits, ServerConfig
+from .engine import Engine, PipelineEngine, round64
+from .images import FieldError, decode_image, decode_mask
+from .jobs import TERMINAL, Job, QueueFull, Worker, check_plan
+from .schemas import (
+    GenerationResponse,
+    Img2ImgRequest,
+    InpaintRequest,
+    JobAccepted,
+    JobStatus,
+    MixRequest,
+    Txt2ImgRequest,
+    VariationsRequest,
+    sampler_names,
+)
+
+STATIC = Path(__file__).parent / "static"
+PUBLIC_PATHS = ("/", "/index.html", "/healthz", "/favicon.ico")
+log = logging.getLogger("kandinsky.server")
+
+
+# ================================================================================================ middleware
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                await _send_json(send, 413, {"detail": f"request body of {int(length)} bytes is over the limit "
+                                                      f"of {self.limit}"})
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, f"request body is over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class BearerAuth:
+    """With an API key, every route but /healthz and the web page's files needs ``Authorization: Bearer KEY``."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _public(scope.get("path", "")) or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        await _send_json(send, 401, {"detail": "missing or wrong API key: send 'Authorization: Bearer KEY'"},
+                         [(b"www-authenticate", b'Bearer realm="kandinsky"')])
+
+
+def _public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith("/static/")
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ================================================================================================ helpers
+
+
+def _where(loc: Any) -> str:
+    parts = [str(p) for p in (loc or ()) if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def field_error_response(field: str, message: str) -> JSONResponse:
+    """422 in FastAPI's shape, plus ``error``: one line that names the field."""
+    return JSONResponse(status_code=422, content={
+        "detail": [{"loc": ["body", *field.replace("[", ".").replace("]", "").split(".")], "msg": message,
+                    "type": "value_error"}],
+        "error": f"{field}: {message}"})
+
+
+def _new_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def _decoder_spec(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
+    """The spec fields every mode shares, with the per-request caps checked."""
+    if req.num_images > limits.max_images:
+        raise FieldError("num_images", f"{req.num_images} is over the limit of {limits.max_images} images per request")
+    for key in ("steps", "prior_steps"):
+        value = getattr(req, key, None)
+        if value is not None and value > limits.max_steps:
+            raise FieldError(key, f"{value} is over the limit of {limits.max_steps}")
+    if req.width is not None and req.height is not None and req.width * req.height > limits.max_pixels:
+        raise FieldError("width", f"{req.width}×{req.height} = {req.width * req.height} pixels is over the limit "
+                                  f"of {limits.max_pixels}")
+    spec: dict[str, Any] = {"mode": mode, "negative": req.negative_prompt, "width": req.width, "height": req.height,
+                            "steps": req.steps, "guidance": req.guidance_scale, "sampler": req.sampler,
+                            "seed": req.seed if req.seed is not None else _new_seed(), "num": req.num_images}
+    if hasattr(req, "prior_steps"):
+        spec.update(prior_steps=req.prior_steps, prior_guidance=req.prior_guidance_scale)
+    return spec
+
+
+def build_spec(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
+    """A worker spec from a ``/v1`` request: caps checked, uploads decoded (sizes checked before decoding)."""
+    spec = _decoder_spec(mode, req, limits)
+    if mode in ("txt2img", "img2img", "inpaint", "variations", "mix"):
+        spec["prompt"] = req.prompt
+    if mode in ("img2img", "inpaint", "variations"):
+        spec["image"] = decode_image(req.image, "image", limits)
+    if mode == "img2img":
+        spec["strength"] = req.strength
+    if mode == "inpaint":
+        spec["mask"] = decode_mask(req.mask, "mask", limits, spec["image"].size)
+    if mode == "mix":
+        if len(req.items) > limits.max_items:
+            raise FieldError("items", f"{len(req.items)} items is over the limit of {limits.max_items}")
+        weights = [it.weight for it in req.items]
+        if not req.raw_weights:
+            total = sum(weights)
+            if not total > 0:
+                raise FieldError("items", f"the weights sum to {total:g}; they are divided by their sum, so it must "
+                                          "be positive (or set raw_weights)")
+            weights = [w / total for w in weights]
+        items = []
+        for i, (it, w) in enumerate(zip(req.items, weights, strict=True)):
+            if it.text is not None:
+                items.append({"text": it.text, "weight": w})
+            else:
+                items.append({"image": decode_image(it.image, f"items[{i}].image", limits), "weight": w})
+        spec["items"] = items
+    return spec
+
+
+# ================================================================================================ the app
+
+
+def create_app(config: ServerConfig | None = None, engine: Engine | None = None) -> FastAPI:
+    """The server application. ``engine`` defaults to the bundled model (loaded by the worker thread at
+    start-up, so /healthz answers at once and reports ``model: loading`` until it is ready)."""
+    config = config or ServerConfig()
+    engine = engine if engine is not None else PipelineEngine()
+    worker = Worker(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="Kandinsky 2.1", version=__version__, lifespan=lifespan,
+                  description="Text-to-image, mixing, img2img, inpainting and variations with Kandinsky 2.1. "
+                              "Images are base64 PNGs carrying their generation parameters. Every generation "
+                              "route answers when the image is ready, or at once with `?async=true` (then follow "
+                              "`GET /v1/jobs/{id}` or the event stream `GET /v1/jobs/{id}/events`).")
+    app.state.worker, app.state.config, app.state.engine = worker, config, engine
+    app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(BearerAuth, key=config.api_key)  # added last = runs first
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, lines = [], []
+        for e in exc.errors():
+            where = _where(e.get("loc"))
+            msg = e.get("msg", "invalid")
+            if e.get("type") == "json_invalid":
+                where, msg = "body", f"malformed JSON: {e.get('ctx', {}).get('error', msg)}"
+            detail.append({"loc": list(e.get("loc") or ()), "msg": msg, "type": e.get("type")})
+            lines.append(f"{where}: {msg}")
+        return JSONResponse(status_code=422, content={"detail": detail, "error": "; ".join(lines)})
+
+    @app.exception_handler(FieldError)
+    async def _field(request: Request, exc: FieldError) -> JSONResponse:
+        return field_error_response(exc.field, exc.message)
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse(status_code=429, content={"detail": str(exc), "retry_after": exc.retry_after},
+                            headers={"Retry-After": str(exc.retry_after)})
+
+    app.state.submit = _submitter(worker, config)
+    _add_v1_routes(app, worker, config)
+    from .a1111 import add_a1111_routes
+
+    add_a1111_routes(app, worker, config)
+    _add_page(app)
+    return app
+
+
+def _submitter(worker: Worker, config: ServerConfig) -> Callable[..., Any]:
+    async def submit(mode: str, make_spec: Callable[[], dict[str, Any]], kind: str = "v1") -> Job:
+        """Build the spec off the event loop (uploads are decoded there), check it against the model, queue it."""
+        spec = await run_in_threadpool(make_spec)
+        mode = spec.get("mode", mode)  # A1111 img2img with a mask is an inpainting job
+        if worker.ready:
+            pipe = getattr(worker.engine, "pipe", None)
+            if mode == "inpaint" and pipe is not None and pipe.inpaint_model is None:
+                raise FieldError("mode", "this server has no inpainting model (start it with --inpaint DIR)")
+            check_plan(await run_in_threadpool(worker.engine.plan, spec), spec, config)
+        elif spec.get("image") is not None and spec.get("width") is None:
+            w, h = round64(spec["image"].width), round64(spec["image"].height)
+            if w * h > config.limits.max_pixels:
+                raise FieldError("image", f"the output would be {w}×{h} = {w * h} pixels, over the limit of "
+                                          f"{config.limits.max_pixels}; give width and height")
+        return worker.submit(mode, spec, kind)
+
+    return submit
+
+
+def job_result_response(job: Job) -> JSONResponse:
+    """The synchronous answer for a finished job: 200 with images, else its error status."""
+    if job.state == "done":
+        return JSONResponse(job.response())
+    return JSONResponse(status_code=job.status if job.status >= 400 else 500,
+                        content={"detail": job.error or job.state, "id": job.id, "state": job.state})
+
+
+def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
+    submit = app.state.submit
+    responses: dict[int | str, dict[str, Any]] = {
+        202: {"model": JobAccepted, "description": "with ?async=true: the job was queued"},
+        409: {"description": "the job was cancelled"},
+        413: {"description": "the request body is too large"},
+        422: {"description": "a field is invalid or over a limit; `error` names it"},
+        429: {"description": "the queue is full; retry after the Retry-After header's seconds"},
+    }
+
+    async def run(request_mode: str, req: Any, is_async: bool) -> Any:
+        job = await submit(request_mode, lambda: build_spec(request_mode, req, config.limits))
+        if is_async:
+            return JSONResponse(status_code=202, content={
+                "id": job.id, "state": job.state, "queue_position": worker.position(job),
+                "url": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"})
+        await job.wait()
+        return job_result_response(job)
+
+    async_q = Query(False, alias="async", description="answer at once with a job id instead of waiting")
+
+    @app.post("/v1/txt2img", response_model=GenerationResponse, responses=responses, tags=["generate"])
+    async def txt2img(req: Txt2ImgRequest, is_async: bool = async_q) -> Any:
+        """Text to image."""
+        return await run("txt2img", req, is_async)
+
+    @app.post("/v1/img2img", response_model=GenerationResponse, responses=responses, tags=["generate"])
+    async def img2img(req: Img2ImgRequest, is_async: bool = async_q) -> Any:
+        """Redraw an image towards a prompt (``strength`` = fraction redrawn)."""
+        return await run("img2img", req, is_async)
+
+    @app.post("/v1/inpaint", response_model=GenerationResponse, responses=responses, tags=["generate"])
+    async def inpaint(req: InpaintRequest, is_async: bool = async_q) -> Any:
+        """Repaint the white part of ``mask``."""
+        return await run("inpaint", req, is_async)
+
+    @app.post("/v1/mix", response_model=GenerationResponse, responses=responses, tags=["generate"])
+    async def mix(req: MixRequest, is_async: bool = async_q) -> Any:
+        """Mix prompts and images with weights in CLIP space."""
+        return await run("mix", req, is_async)
+
+    @app.post("/v1/variations", response_model=GenerationResponse, responses=responses, tags=["generate"])
+    async def variations(req: VariationsRequest, is_async: bool = async_q) -> Any:
+        """New images from one image's CLIP embedding."""
+        return await run("variations", req, is_async)
+
+    def find(job_id: str) -> Job:
+        job = worker.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long ago)")
+        return job
+
+    @app.get("/v1/jobs", tags=["jobs"])
+    async def list_jobs() -> dict[str, Any]:
+        """Every job the server remembers, newest first, without results."""
+        jobs = sorted(worker.jobs.values(), key=lambda j: j.created, reverse=True)
+        return {"jobs": [j.summary(worker.position(j), result=False) for j in jobs]}
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"])
+    async def get_job(job_id: str) -> Any:
+        """A job's state, progress (``fraction`` in [0, 1]), latest preview and, once done, its result."""
+        job = find(job_id)
+        return job.summary(worker.position(job))
+
+    async def cancel(job_id: str) -> Any:
+        job = find(job_id)
+        worker.cancel(job)
+        out = job.summary(worker.position(job), result=False)
+        out["cancel_requested"] = job.cancel_requested or job.state == "cancelled"
+        return out
+
+    app.delete("/v1/jobs/{job_id}", tags=["jobs"], summary="Cancel a job")(cancel)
+    app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], summary="Cancel a job")(cancel)
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "Server-Sent Events: queued, started, progress, preview "
+                                             "(base64 PNG), then done (the result), failed or cancelled"}})
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Follow a job: every event from the start (or after ``Last-Event-ID``), until it finishes."""
+        job = find(job_id)
+        try:
+            start = int(request.headers.get("last-event-id", "-1")) + 1
+        except ValueError:
+            start = 0
+        return StreamingResponse(_sse(job, start), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/models", tags=["server"])
+    async def models() -> dict[str, Any]:
+        """The loaded model, its modes and defaults, the samplers and this server's limits."""
+        return {"models": [worker.engine.info()], "state": worker.model_state,
+                "samplers": list(sampler_names()), "limits": config.limits.as_dict(),
+                "queue_size": config.queue_size, "auth": bool(config.api_key)}
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness (always 200 while the process serves) with the model's state and the queue."""
+        return {"status": "ok", "model": worker.model_state, "error": worker.model_error,
+                "queue": worker.queue_info(), "counts": dict(worker.counts), "version": __version__}
+
+
+async def _sse(job: Job, start: int) -> AsyncIterator[str]:
+    index = start
+    with job.watch() as w:
+        while True:
+            events = job.events_since(index)
+            for seq, event, data in events:
+                yield f"id: {seq}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+                index = seq + 1
+                if event in TERMINAL:
+                    return
+            if not events and job.finished_state:  # resumed after the end
+                return
+            await w.wait(15.0)
+            if not job.events_since(index):
+                yield ": keep-alive\n\n"
+
+
+def _add_page(app: FastAPI) -> None:
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/index.html", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
