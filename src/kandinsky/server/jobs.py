@@ -351,6 +351,8 @@ class Worker:
             job.status = 409
         job.spec = {"mode": job.mode, "seed": job.spec.get("seed")}  # drop the uploads
         with self._cond:
+            if self.current is job:  # before the event: whoever it wakes sees the worker idle
+                self.current = None
             self.counts[state] += 1
             self._finished.append(job.id)
             while len(self._finished) > self.config.keep_jobs:

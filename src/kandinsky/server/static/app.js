@@ -17,7 +17,7 @@
     erase: false,
   };
   // What the browser tests read: every progress fraction seen, and the requests sent.
-  const studio = (window.kandinskyStudio = { progressLog: [], requests: [], state });
+  const studio = (window.kandinskyStudio = { progressLog: [], requests: [], previews: 0, state });
 
   // ---------------------------------------------------------------------------------------------- API
 
@@ -393,7 +393,7 @@
   function showPreview(b64) {
     const img = $("preview");
     img.src = "data:image/png;base64," + b64;
-    img.classList.remove("smooth");
+    studio.previews += 1;
     img.hidden = false;
     $("viewer-empty").hidden = true;
   }
@@ -500,6 +500,7 @@
     const gallery = $("gallery");
     const tpl = $("card-template");
     let first = null;
+    const cards = [];
     for (const im of result.images) {
       const url = "data:image/png;base64," + im.image;
       const card = tpl.content.firstElementChild.cloneNode(true);
@@ -509,8 +510,8 @@
       const img = card.querySelector("img");
       img.src = url;
       if (im.width < 256) img.classList.add("pixelated");
-      card.querySelector(".card-image").href = url;
-      card.querySelector(".card-prompt").textContent = rec.prompt || "(" + (rec.mode || result.mode) + ")";
+      card.querySelector(".card-image").addEventListener("click", () => showImage(url));
+      card.querySelector(".card-prompt").textContent = describe(rec, result.mode);
       card.querySelector(".card-prompt").title = im.parameters;
       card.querySelector(".card-meta").textContent =
         [rec.mode, im.width + "×" + im.height, (rec.steps || "?") + " steps", rec.sampler,
@@ -520,16 +521,30 @@
       dl.download = "kandinsky-" + im.seed + (im.index ? "-" + im.index : "") + ".png";
       card.querySelectorAll("button[data-action]").forEach((b) =>
         b.addEventListener("click", () => cardAction(b.dataset.action, url, rec, im)));
-      gallery.prepend(card);
+      cards.push(card);
       first = first || url;
     }
-    if (first) {
-      const view = $("preview");
-      view.src = first;
-      view.hidden = false;
-      $("viewer-empty").hidden = true;
-    }
+    gallery.prepend(...cards);
+    if (first) showImage(first);
     if (result.images.length) state.lastSeed = result.images[0].seed;
+  }
+
+  function showImage(url) {
+    const view = $("preview");
+    view.src = url;
+    view.hidden = false;
+    $("viewer-empty").hidden = true;
+  }
+
+  function describe(rec, mode) {
+    if (rec.mode === "mix" && Array.isArray(rec.items)) {
+      const texts = rec.items.filter((it) => it.text).map((it) => "“" + it.text + "”");
+      const images = rec.items.filter((it) => it.image).length;
+      const parts = texts.concat(images ? [images + (images > 1 ? " images" : " image")] : []);
+      return "mix: " + parts.join(" + ") + (rec.prompt ? " · " + rec.prompt : "");
+    }
+    if (rec.mode === "variations") return "variations" + (rec.prompt ? ": " + rec.prompt : "");
+    return rec.prompt || "(" + (rec.mode || mode) + ")";
   }
 
   async function cardAction(action, url, rec, im) {
@@ -547,8 +562,8 @@
       return;
     }
     if (action === "mix") { addMixItem({ kind: "image", url }); setMode("mix"); return; }
-    await setImage(action, url);
     setMode(action);
+    await setImage(action, url);
   }
 
   // ---------------------------------------------------------------------------------------------- start
