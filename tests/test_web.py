@@ -26,7 +26,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_server import running, wait_for  # noqa: E402
+from test_server import GateEngine, running, wait_for  # noqa: E402
 
 from kandinsky.server import ServerConfig, create_app  # noqa: E402
 
@@ -201,3 +201,29 @@ def test_paint_mask_and_inpaint(page: Any, tmp_path: Path) -> None:
     assert "inpaint" in card.locator(".card-meta").inner_text()
     assert page.inner_text("#error") == ""
     shot(page, "web-inpaint.png")
+
+
+def test_api_key_prompt_and_cancel(browser: Any) -> None:
+    """With --api-key the page asks for the key once; Cancel stops a running job."""
+    engine = GateEngine(steps=3)
+    app = create_app(ServerConfig(api_key="s3cret", log_level="warning"), engine)
+    with running(app) as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-input", "s3cret")
+        page.click("#key-save")
+        page.wait_for_selector("#status.ready")
+        page.fill("#prompt", "a red circle")
+        page.click("#generate")
+        assert engine.running.wait(30)
+        engine.step(1)
+        page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('decoder 1/3')")
+        page.click("#cancel")
+        page.wait_for_function("document.getElementById('progress-text').textContent === 'cancelled'")
+        assert page.is_enabled("#generate") and page.inner_text("#error") == ""
+        assert page.evaluate("localStorage.getItem('kandinsky.apiKey')") == "s3cret"
+        context.close()
+        engine.step(100)
