@@ -146,7 +146,7 @@ class GateEngine:
         record = {"mode": spec["mode"], "prompt": spec.get("prompt"), "seed": spec["seed"], "width": 8, "height": 8}
         return [(PIL.Image.new("RGB", (8, 8), (200, 30, 30)), record)]
 
-    def preview(self, mode: str, latents: Any, width: int, height: int) -> None:
+    def preview(self, mode: str, latents: Any, width: int, height: int, fraction: float = 1.0) -> None:
         return None
 
 

@@ -32,7 +32,8 @@ class Engine(Protocol):
 
     def run(self, spec: dict[str, Any], report: Report) -> list[tuple[PIL.Image.Image, dict[str, Any]]]: ...
 
-    def preview(self, mode: str, latents: Any, width: int, height: int) -> PIL.Image.Image | None: ...
+    def preview(self, mode: str, latents: Any, width: int, height: int, fraction: float = 1.0
+                ) -> PIL.Image.Image | None: ...
 
 
 class _Dispatch:
@@ -190,9 +191,12 @@ class PipelineEngine:
 
     # ------------------------------------------------------------------ previews
 
-    def preview(self, mode: str, latents: Any, width: int, height: int) -> PIL.Image.Image | None:
+    def preview(self, mode: str, latents: Any, width: int, height: int, fraction: float = 1.0
+                ) -> PIL.Image.Image | None:
         """A cheap RGB picture of the first decoder latent: a fixed linear map of its channels, fitted once per
-        MoVQ by least squares on a few encoded colour fields; ``None`` for anything but a decoder latent."""
+        MoVQ by least squares on a few encoded colour fields, blurred early on (``fraction`` of the loop done)
+        when the latent is mostly noise; ``None`` for anything but a decoder latent."""
+        import PIL.ImageFilter
         import torch
 
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
@@ -208,9 +212,13 @@ class PipelineEngine:
             return None
         rgb = (z.permute(1, 2, 0) @ weights[:c] + weights[c]).clamp(-1, 1)
         arr = ((rgb + 1) * 127.5).round().to(torch.uint8).numpy()
+        img = PIL.Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        radius = 2.0 * (1.0 - min(max(fraction, 0.0), 1.0))
+        if radius > 0.2:
+            img = img.filter(PIL.ImageFilter.GaussianBlur(radius))
         scale = min(1.0, 256 / max(width, height))
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return PIL.Image.fromarray(np.ascontiguousarray(arr), "RGB").resize(size, PIL.Image.Resampling.BILINEAR)
+        return img.resize(size, PIL.Image.Resampling.BILINEAR)
 
 
 def fit_latent_rgb(movq: Any, device: Any, dtype: Any, samples: int = 12) -> Any:

@@ -166,7 +166,8 @@ class Progress:
         every = self.every or max(1, total // 10)
         if stage == "decoder" and latents is not None and done < total and done % every == 0:
             try:
-                img = self.worker.engine.preview(job.mode, latents, self.plan["width"], self.plan["height"])
+                img = self.worker.engine.preview(job.mode, latents, self.plan["width"], self.plan["height"],
+                                                 fraction=done / total)
             except Exception:  # noqa: BLE001 - a preview must never fail a job
                 log.debug("preview failed", exc_info=True)
                 img = None
