@@ -275,8 +275,11 @@ def test_async_job_and_sse_progress_in_order(client: httpx.Client) -> None:
     status = client.get(job["url"]).json()
     assert status["state"] == "done" and status["progress"]["fraction"] == 1.0
     assert status["result"]["images"][0]["image"] == final["images"][0]["image"]
-    # the stream replays from the start for a late subscriber, and resumes after Last-Event-ID
-    assert [e for e, _ in sse_events(client, job["events"])] == names
+    # the stream replays from the start for a late subscriber (with the last preview's image only), and resumes
+    # after Last-Event-ID
+    replay = sse_events(client, job["events"])
+    assert [e for e, _ in replay] == names
+    assert [bool(d.get("image")) for e, d in replay if e == "preview"] == [False] * (len(previews) - 1) + [True]
     with client.stream("GET", job["events"], headers={"Last-Event-ID": str(len(names) - 2)}) as resp:
         tail = [line for line in resp.iter_lines() if line.startswith("event:")]
     assert tail == ["event: done"]
@@ -559,3 +562,13 @@ def test_serve_cli_options() -> None:
     assert (config.host, config.port, config.queue_size, config.api_key) == ("127.0.0.1", 9001, 3, "k")
     assert config.limits.max_steps == 12 and config.limits.max_pixels == Limits().max_pixels
     assert cli.build_parser(["serve"]).parse_args(["serve"]).port == 7860
+
+
+def test_finished_jobs_are_forgotten_oldest_first() -> None:
+    engine = GateEngine(steps=1)
+    app = create_app(ServerConfig(keep_jobs=2, log_level="warning"), engine)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        engine.step(3)
+        ids = [c.post("/v1/txt2img", json={"prompt": str(i)}).json()["id"] for i in range(3)]
+        assert c.get(f"/v1/jobs/{ids[0]}").status_code == 404
+        assert [c.get(f"/v1/jobs/{i}").json()["state"] for i in ids[1:]] == ["done", "done"]

@@ -39,7 +39,7 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     queue_size: int = 16  # jobs waiting (the running one not counted); a full queue answers 429
     api_key: str | None = None  # when set, every route but /healthz and the page needs ``Bearer <key>``
-    keep_jobs: int = 256  # finished jobs kept for GET /v1/jobs/{id}; the oldest go first
+    keep_jobs: int = 64  # finished jobs kept (with their images) for GET /v1/jobs/{id}; the oldest go first
     preview_every: int = 0  # decoder steps between previews; 0 = about ten per job
     log_level: str = "info"
     threads: int | None = None  # torch intra-op threads of the model worker (None: torch's default)

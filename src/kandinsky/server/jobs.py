@@ -93,6 +93,14 @@ class Job:
         for w in watches:
             w.notify()
 
+    def compact(self) -> None:
+        """Drop the images of all but the last preview event (a finished job is kept for a while)."""
+        with self._lock:
+            previews = [i for i, (_, event, _) in enumerate(self.events) if event == "preview"]
+            for i in previews[:-1]:
+                seq, event, data = self.events[i]
+                self.events[i] = (seq, event, {k: v for k, v in data.items() if k != "image"})
+
     def events_since(self, index: int) -> list[tuple[int, str, dict[str, Any]]]:
         """Events numbered ``index`` and later."""
         with self._lock:
@@ -351,6 +359,7 @@ class Worker:
             job.error = data.get("reason")
             job.status = 409
         job.spec = {"mode": job.mode, "seed": job.spec.get("seed")}  # drop the uploads
+        job.compact()
         with self._cond:
             if self.current is job:  # before the event: whoever it wakes sees the worker idle
                 self.current = None

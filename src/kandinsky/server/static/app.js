@@ -447,7 +447,7 @@
     if (event === "queued") setProgress(0, d.position > 1 ? "queued, position " + d.position : "queued");
     else if (event === "started") setProgress(0, "starting…");
     else if (event === "progress") setProgress(d.fraction, d.stage + " " + d.done + "/" + d.total);
-    else if (event === "preview") showPreview(d.image);
+    else if (event === "preview" && d.image) showPreview(d.image);
     else if (event === "done") { setProgress(1, "done in " + d.timings.run_s.toFixed(1) + " s"); return { state: "done", result: d }; }
     else if (event === "failed") return { state: "failed", error: d.error };
     else if (event === "cancelled") return { state: "cancelled", error: d.reason };
