@@ -29,7 +29,9 @@ from .diffusion.schedules import (
     solver_sigmas,
     spaced_timesteps,
 )
+from .models.common import page_out
 from .models.text_encoders import clip_image_embeds, clip_text_features
+from .models.unet import DeepCache
 from .weights.diffusers_format import DecoderParts, PriorParts, load_decoder, load_prior, resolve_dtype
 
 ASSETS = Path(__file__).parent / "assets"
@@ -38,6 +40,13 @@ COMPATS = ("diffusers", "original")
 DDPM_DEFAULTS = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 0,
                  "thresholding": True, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 2.0}
 MixItem = str | PIL.Image.Image | Path | torch.Tensor
+# Speed presets: values used where the call leaves an argument unset (before the model folder's defaults).
+# "fast" was chosen from measurements (docs/benchmarks.md): quality on the bundled model against the 100-step
+# DDIM result of the same seeds, time on the published architecture.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fast": {"sampler": "unipc", "steps": 20, "prior_steps": 10},
+}
 Progress = Callable[[str, int, int], None] | None
 
 
@@ -97,7 +106,8 @@ class Kandinsky21:
 
     def __init__(self, decoder: DecoderParts | None = None, prior: PriorParts | None = None,
                  inpaint: DecoderParts | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, compat: str = "diffusers") -> None:
+                 dtype: torch.dtype = torch.float32, compat: str = "diffusers", *, low_memory: bool = False,
+                 compile: bool = False, tile_decode: bool | None = None) -> None:
         if decoder is None and prior is None and inpaint is None:
             raise ValueError("a pipeline needs at least one of decoder, prior or inpaint")
         if compat not in COMPATS:
@@ -107,6 +117,14 @@ class Kandinsky21:
         self.compat = compat
         self.progress: Progress = None
         self._zero_embed: torch.Tensor | None = None
+        self.low_memory = bool(low_memory)
+        self.tile_decode = tile_decode
+        for parts in (decoder, inpaint):
+            if parts is not None:
+                parts.unet.set_low_memory(self.low_memory)
+                if compile:
+                    kw = {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
+                    parts.unet.set_compile(True, **kw)
 
     @property
     def original(self) -> bool:
@@ -119,7 +137,8 @@ class Kandinsky21:
     def from_pretrained(cls, decoder: str | Path | None = None, prior: str | Path | None = None,
                         inpaint: str | Path | None = None, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None, *, original: str | Path | None = None,
-                        compat: str = "diffusers", **original_files: Any) -> Kandinsky21:
+                        compat: str = "diffusers", low_memory: bool = False, compile: bool = False,
+                        tile_decode: bool | None = None, **original_files: Any) -> Kandinsky21:
         """Load diffusers-format folders; with no folder at all, the bundled model.
 
         ``original=DIR`` loads the ai-forever release files instead (see
@@ -127,7 +146,15 @@ class Kandinsky21:
         ``clip=``, ``movq=``, ``clip_tokenizer=``). ``dtype`` None means float32, except for the fp16 original
         files on CUDA, which stay fp16. ``compat="original"`` switches to the original repository's sampling
         semantics (see the README's table).
+
+        Speed and memory: weights are memory-mapped and built without initialisation either way.
+        ``low_memory=True`` drops each model's resident pages once its part of a call is done (text encoders
+        after encoding, the prior after sampling, the UNet and its packed weights after the loop) and decodes
+        large images in tiles; ``compile=True`` runs the UNet through ``torch.compile`` (slow first call, falls
+        back to eager on failure); ``tile_decode`` True / False forces tiled MoVQ decoding on or off (None:
+        tiles above 1024×1024 pixels, or above 512×512 under ``low_memory``).
         """
+        speed = dict(low_memory=low_memory, compile=compile, tile_decode=tile_decode)
         dev = resolve_device(device)
         if original is not None or original_files:
             if decoder is not None or prior is not None or inpaint is not None:
@@ -136,7 +163,7 @@ class Kandinsky21:
 
             dt = auto_dtype(dev, dtype)
             dec, pri, inp = load_original(original, device=dev, dtype=dt, **original_files)
-            return cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt, compat=compat)
+            return cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt, compat=compat, **speed)
         dt = resolve_dtype(dtype if dtype is not None else "float32")
         if decoder is None and prior is None and inpaint is None:
             decoder, prior = ASSETS / "decoder", ASSETS / "prior"
@@ -150,7 +177,7 @@ class Kandinsky21:
             decoder=load_decoder(decoder, device=dev, dtype=dt, inpaint=False) if decoder is not None else None,
             prior=load_prior(prior, device=dev, dtype=dt) if prior is not None else None,
             inpaint=load_decoder(inpaint, device=dev, dtype=dt, inpaint=True) if inpaint is not None else None,
-            device=dev, dtype=dt, compat=compat,
+            device=dev, dtype=dt, compat=compat, **speed,
         )
 
     def _need(self, part: str) -> Any:
@@ -160,6 +187,11 @@ class Kandinsky21:
                     "inpaint": "inpaint=DIR (kandinsky-2-1-inpaint)"}[part]
             raise ValueError(f"this call needs the {part} model; load it with Kandinsky21.from_pretrained({hint})")
         return value
+
+    def _offload(self, *modules: torch.nn.Module) -> None:
+        """Under ``low_memory``, drop the resident pages of modules whose work in this call is done."""
+        if self.low_memory and self.device.type == "cpu":
+            page_out(t for m in modules for t in (*m.parameters(), *m.buffers()))
 
     def defaults(self, part: str = "decoder") -> dict[str, Any]:
         """Recommended call defaults recorded in the model folder (empty for the published model)."""
@@ -203,7 +235,9 @@ class Kandinsky21:
         parts = self._need("prior")
         pil = [imaging.open_image(im) for im in images]
         pixels = imaging.clip_preprocess(pil, parts.image_processor_config)
-        return clip_image_embeds(parts.image_encoder, pixels.to(self.device, self.dtype))
+        out = clip_image_embeds(parts.image_encoder, pixels.to(self.device, self.dtype))
+        self._offload(parts.image_encoder)
+        return out
 
     @torch.inference_mode()
     def zero_image_embeds(self, rows: int = 1) -> torch.Tensor:
@@ -213,6 +247,7 @@ class Kandinsky21:
             size = parts.image_encoder.config.image_size
             zeros = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
             self._zero_embed = clip_image_embeds(parts.image_encoder, zeros)
+            self._offload(parts.image_encoder)
         return self._zero_embed.repeat(rows, 1)
 
     # ------------------------------------------------------------------ prior
@@ -259,6 +294,7 @@ class Kandinsky21:
             embeds = torch.cat([u_embeds.repeat_interleave(n, 0), embeds])
             hidden = torch.cat([u_hidden.repeat_interleave(n, 0), hidden])
             mask = torch.cat([u_mask.repeat_interleave(n, 0), mask])
+        self._offload(parts.text_encoder)
         rows = len(prompts) * n
         shape = (rows, parts.prior.config.embedding_dim)
         if latents is None:
@@ -283,6 +319,7 @@ class Kandinsky21:
         x = samplers.unclip(denoiser, x, schedule, timesteps, generator=generator,
                             clip_range=float(parts.scheduler_config.get("clip_sample_range", 10.0)),
                             callback=self._step_callback("prior", len(timesteps)))
+        self._offload(prior)
         return prior.denormalize(x)
 
     @torch.inference_mode()
@@ -329,14 +366,18 @@ class Kandinsky21:
 
     # ------------------------------------------------------------------ decoder
 
-    def resolve(self, part: str, **given: Any) -> dict[str, Any]:
-        """Fill unspecified (None) arguments from the model folder's defaults, then the published ones."""
+    def resolve(self, part: str, preset: str | None = None, **given: Any) -> dict[str, Any]:
+        """Fill unspecified (None) arguments from the ``preset`` (see ``PRESETS``), then the model folder's
+        defaults, then the published ones."""
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         published = {"width": 512, "height": 512, "steps": 100, "guidance_scale": 4.0, "sampler": "ddim",
-                     "prior_steps": 25, "prior_guidance_scale": 4.0}
+                     "prior_steps": 25, "prior_guidance_scale": 4.0, "cfg_until": 1.0, "deep_cache": 1}
         if self.original:
             published.update(guidance_scale=7.0, sampler="p_sampler")
         folder = self.defaults(part)
         folder.update({f"prior_{k}": v for k, v in self.defaults("prior").items() if not k.startswith("prior_")})
+        folder.update(PRESETS.get(preset or "default", {}))
         return {k: (v if v is not None else folder.get(k, published.get(k))) for k, v in given.items()}
 
     def _embeds_for(self, prompts: list[str], negative_prompt: Any, n: int, image_embeds: Any,
@@ -378,8 +419,12 @@ class Kandinsky21:
                 negative: torch.Tensor, n: int, width: int, height: int, steps: int, guidance_scale: float,
                 sampler: str, generator: torch.Generator, *, init: torch.Tensor | None = None,
                 strength: float | None = None, inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
-                latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the decoder UNet loop and MoVQ decode; returns images in [-1, 1] (B, 3, H, W)."""
+                latents: torch.Tensor | None = None, cfg_until: float = 1.0, deep_cache: int = 1) -> torch.Tensor:
+        """Run the decoder UNet loop and MoVQ decode; returns images in [-1, 1] (B, 3, H, W).
+
+        ``cfg_until`` < 1 guides only the first fraction of the steps (the rest run the conditional half
+        alone, at half the cost); ``deep_cache`` N > 1 runs the full UNet every N-th step and only its
+        shallowest level in between (``DeepCache``)."""
         rows = image.shape[0]
         if len(prompts) == 1 and rows > 1:
             prompts = prompts * rows
@@ -405,6 +450,7 @@ class Kandinsky21:
             pooled = torch.cat([u_pooled.repeat_interleave(n, 0), pooled])
             hidden = torch.cat([u_hidden.repeat_interleave(n, 0), hidden])
             image = torch.cat([negative.repeat_interleave(n, 0), image])
+        self._offload(parts.text_encoder)
         image = image.to(device=self.device, dtype=pooled.dtype)
         unet = parts.unet
         cond = unet.prepare_condition(image, pooled, hidden)
@@ -433,19 +479,40 @@ class Kandinsky21:
             if cfg:
                 extra = extra.repeat(2, 1, 1, 1)
 
+        guided_steps = math.ceil(cfg_until * len(timesteps)) if cfg else 0
+        cond_only = cond.rows(slice(batch, None)) if cfg and guided_steps < len(timesteps) else cond
+        cache = DeepCache(deep_cache) if deep_cache > 1 else None
+        calls = [0]
+
         def denoiser(x_t: torch.Tensor, t: int) -> torch.Tensor:
-            inp = torch.cat([x_t, x_t]) if cfg else x_t
+            guided = calls[0] < guided_steps
+            calls[0] += 1
+            inp = torch.cat([x_t, x_t]) if guided else x_t
             if extra is not None:
-                inp = torch.cat([inp, extra], dim=1)
-            out = unet(inp, t, cond)
-            if cfg:
+                inp = torch.cat([inp, extra if guided or not cfg else extra[batch:]], dim=1)
+            out = unet(inp, t, cond if guided or not cfg else cond_only, cache=cache)
+            if guided:
                 eps, var = out.split(channels, dim=1)
                 eps_u, eps_c = eps.chunk(2)
                 out = torch.cat([eps_u + guidance_scale * (eps_c - eps_u), var.chunk(2)[1]], dim=1)
             return out
 
         x = run(denoiser, x, timesteps, known, self._step_callback("decoder", len(timesteps)))
-        return parts.movq.decode(x)
+        if self.low_memory:
+            unet.release_memory()
+        pixels = self._movq_decode(parts.movq, x)
+        self._offload(parts.movq)
+        return pixels
+
+    def _movq_decode(self, movq: Any, z: torch.Tensor) -> torch.Tensor:
+        """MoVQ decode: in overlapping tiles when ``tile_decode`` says so (None: above 1024² pixels, or 512²
+        under ``low_memory``); under ``low_memory`` one image at a time."""
+        f = movq.config.downscale_factor
+        limit = (512 if self.low_memory else 1024) // f
+        tiled = self.tile_decode if self.tile_decode is not None else z.shape[-2] * z.shape[-1] > limit * limit
+        if self.low_memory and z.shape[0] > 1:
+            return torch.cat([self._movq_decode(movq, row[None]) for row in z])
+        return movq.decode_tiled(z) if tiled else movq.decode(z)
 
     def _img2img_timesteps(self, timesteps: list[int], sampler: str, strength: float,
                            total: int) -> tuple[list[int], int]:
@@ -541,7 +608,7 @@ class Kandinsky21:
         a = job.args
         return self._decode(job.parts, job.prompts, job.decoder_negative, job.image, job.negative, job.n,
                             a["width"], a["height"], a["steps"], a["guidance_scale"], a["sampler"], job.generator,
-                            **extra)
+                            cfg_until=a["cfg_until"], deep_cache=a["deep_cache"], **extra)
 
     # ------------------------------------------------------------------ public generation
 
@@ -551,7 +618,9 @@ class Kandinsky21:
                       image_embeds: torch.Tensor | None = None, negative_image_embeds: torch.Tensor | None = None,
                       prior_steps: int | None = None, prior_guidance_scale: float | None = None,
                       num_images: int = 1, output: str = "pil", generator: torch.Generator | None = None,
-                      latents: torch.Tensor | None = None) -> Any:
+                      latents: torch.Tensor | None = None,
+                      preset: str | None = None, cfg_until: float | None = None,
+                      deep_cache: int | None = None) -> Any:
         """Generate images from prompts.
 
         Without ``image_embeds`` the prior runs first (``negative_prompt`` then steers the prior, as diffusers'
@@ -561,7 +630,8 @@ class Kandinsky21:
         job = self._conditioned_job("decoder", prompt, negative_prompt, num_images, output, seed, generator,
                                     image_embeds, negative_image_embeds, width=width, height=height, steps=steps,
                                     guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
-                                    prior_guidance_scale=prior_guidance_scale)
+                                    prior_guidance_scale=prior_guidance_scale,
+                                    preset=preset, cfg_until=cfg_until, deep_cache=deep_cache)
         pixels = self._run_job(job, latents=latents)
         return self._finish(pixels, output, mode="txt2img", prompt=prompt, negative_prompt=negative_prompt,
                             seed=job.seed, **job.args)
@@ -572,7 +642,8 @@ class Kandinsky21:
                 guidance_scale: float | None = None, sampler: str | None = None, seed: int | None = None,
                 image_embeds: torch.Tensor | None = None, negative_image_embeds: torch.Tensor | None = None,
                 prior_steps: int | None = None, prior_guidance_scale: float | None = None,
-                num_images: int = 1, output: str = "pil", generator: torch.Generator | None = None) -> Any:
+                num_images: int = 1, output: str = "pil", generator: torch.Generator | None = None,
+                preset: str | None = None, cfg_until: float | None = None, deep_cache: int | None = None) -> Any:
         """Redraw ``image`` towards ``prompt``. ``strength`` is the fraction of the trajectory denoised, in
         (0, 1], default 0.3 (diffusers' meaning); under ``compat="original"`` the fraction kept, in [0, 1),
         default 0.7. Size defaults to the image's own, rounded up to a multiple of 64."""
@@ -588,7 +659,8 @@ class Kandinsky21:
                                     image_embeds, negative_image_embeds, width=width or _round64(src.width),
                                     height=height or _round64(src.height), steps=steps,
                                     guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
-                                    prior_guidance_scale=prior_guidance_scale)
+                                    prior_guidance_scale=prior_guidance_scale,
+                                    preset=preset, cfg_until=cfg_until, deep_cache=deep_cache)
         f = job.parts.movq.config.downscale_factor
         lh, lw = latent_size(job.args["height"], job.args["width"], f)
         init = imaging.to_model_range(src, lw * f, lh * f)
@@ -602,7 +674,8 @@ class Kandinsky21:
                 sampler: str | None = None, seed: int | None = None, image_embeds: torch.Tensor | None = None,
                 negative_image_embeds: torch.Tensor | None = None, prior_steps: int | None = None,
                 prior_guidance_scale: float | None = None, num_images: int = 1, output: str = "pil",
-                generator: torch.Generator | None = None) -> Any:
+                generator: torch.Generator | None = None,
+                preset: str | None = None, cfg_until: float | None = None, deep_cache: int | None = None) -> Any:
         """Repaint the masked part of ``image``. ``mask``: PIL image (white = repaint), path, or an H×W array
         or tensor in [0, 1] (1 = repaint) of the image's size; under ``compat="original"`` 1 / white = keep.
         Needs the inpainting model."""
@@ -623,7 +696,8 @@ class Kandinsky21:
                                     image_embeds, negative_image_embeds, width=width or _round64(src.width),
                                     height=height or _round64(src.height), steps=steps,
                                     guidance_scale=guidance_scale, sampler=sampler, prior_steps=prior_steps,
-                                    prior_guidance_scale=prior_guidance_scale)
+                                    prior_guidance_scale=prior_guidance_scale,
+                                    preset=preset, cfg_until=cfg_until, deep_cache=deep_cache)
         f = parts.movq.config.downscale_factor
         lh, lw = latent_size(job.args["height"], job.args["width"], f)
         if isinstance(mask, PIL.Image.Image):
@@ -644,34 +718,40 @@ class Kandinsky21:
             height: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
             sampler: str | None = None, seed: int | None = None, prior_steps: int | None = None,
             prior_guidance_scale: float | None = None, num_images: int = 1, output: str = "pil",
-            generator: torch.Generator | None = None) -> Any:
+            generator: torch.Generator | None = None,
+            preset: str | None = None, cfg_until: float | None = None, deep_cache: int | None = None) -> Any:
         """Mix prompts and images with weights in CLIP space, then decode (decoder prompt ``prompt``)."""
         a = self.resolve("decoder", width=width, height=height, steps=steps, guidance_scale=guidance_scale,
-                          sampler=sampler, prior_steps=prior_steps, prior_guidance_scale=prior_guidance_scale)
+                          sampler=sampler, prior_steps=prior_steps, prior_guidance_scale=prior_guidance_scale,
+                         preset=preset, cfg_until=cfg_until, deep_cache=deep_cache)
         parts = self._need("decoder")
         self._validate(a, num_images, output)
         generator, used_seed = self.make_generator(seed, generator)
         emb = self.mix_embeds(items, weights, a["prior_steps"], a["prior_guidance_scale"], generator=generator,
                               negative_prompt=negative_prompt, negative_prior_prompt=negative_prior_prompt)
         pixels = self._decode(parts, [prompt], None, emb.image, emb.negative, num_images, a["width"], a["height"],
-                              a["steps"], a["guidance_scale"], a["sampler"], generator)
+                              a["steps"], a["guidance_scale"], a["sampler"], generator,
+                              cfg_until=a["cfg_until"], deep_cache=a["deep_cache"])
         return self._finish(pixels, output, mode="mix", prompt=prompt, seed=used_seed, weights=list(weights),
                             items=[i if isinstance(i, str) else "<image>" for i in items], **a)
 
     def variations(self, image: imaging.ImageInput, prompt: str = "", *, negative_prompt: str | None = None,
                    width: int | None = None, height: int | None = None, steps: int | None = None,
                    guidance_scale: float | None = None, sampler: str | None = None, seed: int | None = None,
-                   num_images: int = 1, output: str = "pil", generator: torch.Generator | None = None) -> Any:
+                   num_images: int = 1, output: str = "pil", generator: torch.Generator | None = None,
+                   preset: str | None = None, cfg_until: float | None = None, deep_cache: int | None = None) -> Any:
         """New images from one image's CLIP embedding (negative: the zero-image embedding); ``prompt`` and
         ``negative_prompt`` are the decoder's text (empty by default)."""
         a = self.resolve("decoder", width=width, height=height, steps=steps, guidance_scale=guidance_scale,
-                          sampler=sampler)
+                          sampler=sampler, preset=preset, cfg_until=cfg_until,
+                         deep_cache=deep_cache)
         parts = self._need("decoder")
         self._validate(a, num_images, output)
         emb = self.image_embeds([image])
         generator, used_seed = self.make_generator(seed, generator)
         pixels = self._decode(parts, [prompt], negative_prompt, emb, self.zero_image_embeds(1), num_images, a["width"],
-                              a["height"], a["steps"], a["guidance_scale"], a["sampler"], generator)
+                              a["height"], a["steps"], a["guidance_scale"], a["sampler"], generator,
+                              cfg_until=a["cfg_until"], deep_cache=a["deep_cache"])
         return self._finish(pixels, output, mode="variations", prompt=prompt, seed=used_seed, **a)
 
     # ------------------------------------------------------------------ helpers
@@ -687,6 +767,10 @@ class Kandinsky21:
             check_steps(a["prior_steps"])
             _check_guidance(a["prior_guidance_scale"], "prior_guidance_scale")
         _check_guidance(a["guidance_scale"], "guidance_scale")
+        until = a.get("cfg_until", 1.0)
+        if isinstance(until, bool) or not isinstance(until, int | float) or not 0 < until <= 1:
+            raise ValueError(f"cfg_until must be a fraction of the steps in (0, 1], got {until!r}")
+        _check_count(a.get("deep_cache", 1), "deep_cache")
         if a["sampler"] not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {a['sampler']!r}; choose one of {', '.join(samplers.SAMPLERS)}")
         _check_count(num_images, "num_images")

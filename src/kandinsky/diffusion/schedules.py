@@ -119,10 +119,10 @@ def solver_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
 def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
     """Fractional training timestep of a sigma, interpolated in log-sigma (diffusers ``_sigma_to_t``)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    dists = log_sigma - log_sigmas[:, np.newaxis]  # (T, 1)
+    low = int(np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)[0])
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return float(((1 - w) * low + w * (low + 1)).reshape(()))
+    return ((1 - w) * low + w * (low + 1)).item()
 
 
 def solver_sigmas(schedule: NoiseSchedule, steps: int, karras: bool = False,

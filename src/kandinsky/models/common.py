@@ -45,3 +45,61 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def page_out(tensors: Iterable[torch.Tensor]) -> int:
+    """Ask the OS to drop the resident pages of CPU tensors (``madvise(MADV_PAGEOUT)``); returns bytes advised.
+
+    Made for weights memory-mapped from safetensors files: their pages are clean file pages, so they leave the
+    process's resident memory at once and are read back (from the page cache, or the file) on next use; the
+    values never change. Memory that is not file-backed stays as it is (without swap) or is swapped, never lost.
+    A no-op where the call is not available (not Linux).
+    """
+    libc = _libc()
+    if libc is None:
+        return 0
+    page = _page_size()
+    done = 0
+    seen: set[int] = set()
+    for t in tensors:
+        if t.device.type != "cpu" or t.is_meta or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        start, end = -(-ptr // page) * page, (ptr + size) // page * page
+        if end > start and libc.madvise(start, end - start, _MADV_PAGEOUT) == 0:
+            done += end - start
+    return done
+
+
+def _page_size() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+_LIBC: Any = False
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is False:
+        _LIBC = None
+        try:
+            import ctypes
+            import sys
+
+            if sys.platform.startswith("linux"):
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                lib.madvise.restype = ctypes.c_int
+                _LIBC = lib
+        except (OSError, AttributeError):
+            _LIBC = None
+    return _LIBC

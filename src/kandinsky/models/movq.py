@@ -345,6 +345,55 @@ class MoVQ(nn.Module):
         """Latent (B, C, h, w) -> image (B, out, h*f, w*f); z also conditions every SpatialNorm."""
         return self.decoder(self.post_quant_conv(z), z)
 
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """``decode`` in overlapping ``tile``×``tile`` latent tiles, blended with linear ramps over the overlap.
+
+        Memory is bounded by one tile's decode (the full-size output aside), whatever the image size. Each tile
+        normalises and attends within itself, so the result differs slightly from ``decode`` (a smooth,
+        low-frequency difference; the ramps leave no seams). Latents no larger than one tile decode directly.
+        """
+        b, _, h, w = z.shape
+        if h <= tile and w <= tile:
+            return self.decode(z)
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+        f = self.config.downscale_factor
+        out: torch.Tensor | None = None
+        total = torch.zeros(1, 1, h * f, w * f, device=z.device, dtype=torch.float32)
+        for y0 in _tile_starts(h, tile, overlap):
+            for x0 in _tile_starts(w, tile, overlap):
+                th, tw = min(tile, h - y0), min(tile, w - x0)
+                piece = self.decode(z[:, :, y0:y0 + th, x0:x0 + tw]).float()
+                if out is None:
+                    out = torch.zeros(b, piece.shape[1], h * f, w * f, device=z.device, dtype=torch.float32)
+                ramp_y = _ramp(th * f, overlap * f, y0 > 0, y0 + th < h, z.device)
+                ramp_x = _ramp(tw * f, overlap * f, x0 > 0, x0 + tw < w, z.device)
+                weight = ramp_y[:, None] * ramp_x[None, :]
+                region = (slice(None), slice(None), slice(y0 * f, (y0 + th) * f), slice(x0 * f, (x0 + tw) * f))
+                out[region] += piece * weight
+                total[region] += weight
+        return (out / total).to(z.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Continuous reconstruction ``decode(encode(x))``."""
         return self.decode(self.encode(x))
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, size) with at least ``overlap`` shared cells between neighbours."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    count = -(-(size - tile) // stride) + 1
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(n: int, overlap: int, rise: bool, fall: bool, device: torch.device) -> torch.Tensor:
+    """Blend weights along one tile axis: linear from ~0 to 1 over ``overlap`` at each inner edge."""
+    w = torch.ones(n, device=device)
+    ramp = (torch.arange(overlap, device=device, dtype=torch.float32) + 0.5) / overlap
+    if rise and overlap:
+        w[:overlap] = ramp
+    if fall and overlap:
+        w[n - overlap:] = torch.minimum(w[n - overlap:], ramp.flip(0))
+    return w

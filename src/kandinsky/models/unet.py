@@ -13,6 +13,7 @@ autograd is needed, or off CPU, the layers are plain PyTorch.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kandinsky.models.common import config_value, timestep_embedding
+from kandinsky.models.common import config_value, page_out, timestep_embedding
 
 _DOWN_FIRST, _DOWN_REST = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
 _UP_LAST, _UP_REST = "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"
@@ -153,6 +154,31 @@ class UNetCondition:
     context: torch.Tensor
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def rows(self, index: slice) -> UNetCondition:
+        """The condition of a subset of the batch rows (e.g. the conditional half under guidance), as views."""
+        kv = None if self.kv is None else [(k[index], v[index]) for k, v in self.kv]
+        return UNetCondition(emb_add=self.emb_add[index], context=self.context[index], kv=kv)
+
+
+class DeepCache:
+    """Reuse of the deep UNet features across adjacent steps (DeepCache, Ma et al. 2023).
+
+    Every ``interval``-th call (and the first) runs the whole UNet and keeps the input of the up path's
+    ``depth`` shallowest levels; the calls in between run only the ``depth`` shallowest levels of the down and
+    up paths and take the deep part from that cache. ``interval`` 1 is a full UNet every call. Use one object
+    per sampling call.
+    """
+
+    def __init__(self, interval: int = 2, depth: int = 1) -> None:
+        if interval < 1 or depth < 1:
+            raise ValueError(f"DeepCache needs interval >= 1 and depth >= 1, got {interval}, {depth}")
+        self.interval, self.depth = int(interval), int(depth)
+        self.calls = 0
+        self.feature: torch.Tensor | None = None
+
+    def next_is_full(self) -> bool:
+        return self.feature is None or self.calls % self.interval == 0
+
 
 # -- layers ------------------------------------------------------------------------------------------------
 
@@ -181,7 +207,8 @@ _MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
 def _cpu_fast(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Use the oneDNN ops: CPU, fp32/bf16, and autograd not needed (they have no backward)."""
     return (_MKLDNN and w.device.type == "cpu" and w.dtype in _MKLDNN_DTYPES and x.dtype == w.dtype
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and not torch.compiler.is_compiling())  # under torch.compile inductor packs the weights itself
 
 
 class Linear(nn.Linear):
@@ -212,6 +239,7 @@ class Conv2d(nn.Conv2d):
     """
 
     prepack: bool = True
+    page_out_source: bool = False  # low-memory mode: drop the (memory-mapped) source weight's pages once packed
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -238,6 +266,8 @@ class Conv2d(nn.Conv2d):
                 w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(input_shape))
             self._packed_key = (weakref.ref(w), *key)
+            if self.page_out_source:
+                page_out([w])
         return self._packed
 
     def release_packed(self) -> None:
@@ -400,6 +430,7 @@ class DecoderUNet(nn.Module):
                              cfg.dropout)
         self.gradient_checkpointing = False
         self.channels_last: bool | None = None  # None: channels-last on CPU, contiguous elsewhere
+        self._compiled: Any = None
 
         self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chans[0], tdim)
@@ -467,11 +498,24 @@ class DecoderUNet(nn.Module):
         return layer(*args)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
-                cond: UNetCondition) -> torch.Tensor:
+                cond: UNetCondition, cache: DeepCache | None = None) -> torch.Tensor:
         """``sample`` (B, in_channels, h, w); ``timestep`` a number, 0-d or (B,) tensor -> (B, out_channels, h, w).
 
-        ``cond`` comes from ``prepare_condition`` with the same batch size.
+        ``cond`` comes from ``prepare_condition`` with the same batch size. ``cache`` (a :class:`DeepCache`)
+        skips the deep levels on the calls between its refreshes.
         """
+        if self._compiled is not None and cache is None and not torch.is_grad_enabled():
+            try:
+                t = torch.as_tensor(timestep, device=sample.device)  # a tensor, so that steps do not recompile
+                return self._compiled(sample, t, cond.emb_add, cond.context, cond.kv)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                warnings.warn(f"torch.compile of the UNet failed ({type(exc).__name__}: {exc}); running eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self.set_compile(False)
+        return self._forward(sample, timestep, cond, cache)
+
+    def _forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float, cond: UNetCondition,
+                 cache: DeepCache | None = None) -> torch.Tensor:
         b = sample.shape[0]
         if cond.emb_add.shape[0] != b:
             raise ValueError(f"sample has batch {b} but the condition was prepared for batch "
@@ -482,40 +526,95 @@ class DecoderUNet(nn.Module):
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(dtype))
         emb = F.silu(temb + cond.emb_add)
         kv = cond.kv if cond.kv is not None else [a.context_kv(cond.context) for a in self.attention_layers()]
-        kv = iter(kv)
+        n = len(self.down_blocks)
+        full = cache is None or cache.next_is_full()
+        depth = n if full else min(cache.depth, n)  # levels computed in this call
+        # the attention layers of the levels skipped in this call are skipped in the kv list too
+        per_level = [len(blk.attentions or []) for blk in self.down_blocks]
+        down_kv = iter(kv[:sum(per_level)])
+        up_kv = iter(kv[len(kv) - sum(len(blk.attentions or []) for blk in self.up_blocks[n - depth:]):])
 
         channels_last = self.channels_last if self.channels_last is not None else sample.device.type == "cpu"
         if channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(sample.to(dtype))
         skips = [h]
-        for block in self.down_blocks:
+        for level, block in enumerate(self.down_blocks[:depth]):
             for i, res in enumerate(block.resnets):
                 h = self._run(res, h, emb)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[i], h, *next(kv))
+                    h = self._run(block.attentions[i], h, *next(down_kv))
                 skips.append(h)
-            if block.downsamplers is not None:
+            if block.downsamplers is not None and level + 1 < depth:
                 h = self._run(block.downsamplers[0], h, emb)
                 skips.append(h)
 
-        mid = self.mid_block
-        h = self._run(mid.resnets[0], h, emb)
-        h = self._run(mid.attentions[0], h, *next(kv))
-        h = self._run(mid.resnets[1], h, emb)
+        if full:
+            mid = self.mid_block
+            h = self._run(mid.resnets[0], h, emb)
+            h = self._run(mid.attentions[0], h, *kv[sum(per_level)])
+            h = self._run(mid.resnets[1], h, emb)
+        else:
+            h = cache.feature
+            if h.shape[0] != b:  # the cache was filled under guidance, this call is conditional only
+                h = h[h.shape[0] - b:]
 
-        for block in self.up_blocks:
+        for level, block in enumerate(self.up_blocks):
+            if level < n - depth:
+                continue
+            if cache is not None and full and level == n - min(cache.depth, n):
+                cache.feature = h
             for i, res in enumerate(block.resnets):
                 h = self._run(res, torch.cat([h, skips.pop()], dim=1), emb)
                 if block.attentions is not None:
-                    h = self._run(block.attentions[i], h, *next(kv))
+                    h = self._run(block.attentions[i], h, *next(up_kv))
             if block.upsamplers is not None:
                 h = self._run(block.upsamplers[0], h, emb)
+        if cache is not None:
+            cache.calls += 1
 
         h = self.conv_out(_silu(self.conv_norm_out(h)))
         return h.contiguous()
 
+    # -- torch.compile -----------------------------------------------------------------------------------
+
+    def set_compile(self, enabled: bool = True, **options: Any) -> None:
+        """Run inference forwards through ``torch.compile`` (off by default; ``options`` go to it, e.g.
+        ``mode="reduce-overhead"`` for CUDA graphs). Compilation happens at the first call of each input shape
+        (minutes for the published model on a small CPU; inductor caches the result on disk for later
+        processes); if it fails, the UNet warns and runs eagerly from then on. Not used with ``DeepCache``.
+        """
+        if not enabled:
+            self._compiled = None
+            return
+        options.setdefault("dynamic", False)
+        if "mode" not in options:  # constant weights: inductor folds and prepacks them (oneDNN on CPU)
+            options.setdefault("options", {"freezing": True})
+
+        def run(sample: torch.Tensor, t: torch.Tensor, emb_add: torch.Tensor, context: torch.Tensor,
+                kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+            return self._forward(sample, t, UNetCondition(emb_add=emb_add, context=context, kv=kv))
+
+        self._compiled = torch.compile(run, **options)
+
+    def __getstate__(self) -> dict[str, Any]:  # a compiled function does not copy or pickle
+        return {**super().__getstate__(), "_compiled": None}
+
     # -- CPU weight packing ------------------------------------------------------------------------------
+
+    def set_low_memory(self, enabled: bool) -> None:
+        """Low-memory mode: once a conv weight is packed, the pages of its (memory-mapped) source are dropped,
+        so the packed copy no longer doubles the conv weights' resident memory (see ``common.page_out``)."""
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.page_out_source = enabled
+
+    def release_memory(self) -> None:
+        """Free the packed conv weights and drop the resident pages of memory-mapped weights (until next use)."""
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.release_packed()
+        page_out(self.parameters())
 
     def set_cpu_prepack(self, enabled: bool) -> None:
         """Turn the prepacked-weight CPU path of every conv on or off (off frees the packed copies)."""
