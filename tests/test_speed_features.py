@@ -216,3 +216,20 @@ def test_fast_preset_runs(ours):
     out = ours.text_to_image("a red circle", preset="fast", height=64, width=64, steps=3, prior_steps=2, seed=0,
                              output="pil")
     assert out[0].size == (64, 64) and out[0].info["kandinsky"]["sampler"] == "unipc"
+
+
+def test_cli_fast_and_low_memory(capsys, prior_pipe, decoder_pipe, tmp_path, monkeypatch):
+    """``--fast`` records the preset's explicit values; ``--low-memory --tile-decode on`` loads and runs."""
+    from kandinsky import cli, metadata
+    from kandinsky.pipeline import PRESETS
+
+    monkeypatch.chdir(tmp_path)
+    models = ["--model", str(decoder_pipe[1]), "--prior", str(prior_pipe[1])]
+    argv = ["generate", "a red circle", "--seed", "3", "-W", "64", "-H", "64", "--quiet", *models]
+    assert cli.main([*argv, "--fast", "--steps", "2", "--prior-steps", "2", "-o", "fast.png"]) == 0
+    record = metadata.read_record(tmp_path / "fast.png")
+    assert record["sampler"] == PRESETS["fast"]["sampler"] and record["steps"] == 2
+    assert cli.main([*argv, "--steps", "2", "--prior-steps", "2", "--low-memory", "--tile-decode", "on",
+                     "-o", "lean.png"]) == 0
+    assert (tmp_path / "lean.png").is_file()
+    capsys.readouterr()

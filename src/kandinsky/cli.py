@@ -140,7 +140,7 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true", help="show the traceback of errors")
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
+def _model_flags(p: argparse.ArgumentParser, speed: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="decoder folder (diffusers kandinsky-2-1 layout; default: bundled)")
     g.add_argument("--prior", metavar="DIR", help="prior folder (kandinsky-2-1-prior layout; default: bundled)")
@@ -151,6 +151,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compat", choices=COMPATS,
                    help="diffusers (default) or original: the ai-forever repository's sampling semantics "
                         "(img2img strength = fraction kept, inpaint mask white = keep)")
+    if speed:
+        g.add_argument("--low-memory", action="store_true",
+                       help="drop each model from memory once its part of a run is done (text encoders, prior, UNet "
+                            "packed weights) and decode large images in tiles")
+        g.add_argument("--compile", action="store_true",
+                       help="run the UNet through torch.compile (slow first run, cached; falls back to eager)")
+        g.add_argument("--tile-decode", choices=("auto", "on", "off"), default="auto",
+                       help="MoVQ decoding in tiles: auto (above 1024x1024, or 512x512 with --low-memory)")
 
 
 def _gen_flags(p: argparse.ArgumentParser, *, prior: bool = True, num: bool = True, out: bool = True,
@@ -168,6 +176,8 @@ def _gen_flags(p: argparse.ArgumentParser, *, prior: bool = True, num: bool = Tr
         g.add_argument("--prior-guidance", metavar="X", type=_float_type("prior guidance"),
                        help="prior CFG scale (4)")
     g.add_argument("--sampler", choices=SAMPLER_CHOICES, help="decoder sampler (ddim)")
+    g.add_argument("--fast", action="store_true",
+                   help="the fast preset for unset options (kandinsky.pipeline.PRESETS['fast'], docs/benchmarks.md)")
     g.add_argument("-s", "--seed", metavar="S", type=_int_type("seed", 0),
                    help="random seed (random when absent; always printed)")
     if num:
@@ -215,7 +225,7 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
                         "same model, device and dtype); options given here override them")
     p.add_argument("--prompts", metavar="FILE", help="batch: one job a line (text or JSONL); re-runs skip done jobs")
     _gen_flags(p)
-    _model_flags(p)
+    _model_flags(p, speed=True)
     _output_flags(p)
 
     p = command("mix", "mix prompts and images in CLIP space (--text/--image, any number, PROMPT[:WEIGHT])",
@@ -227,7 +237,7 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     p.add_argument("--raw-weights", action="store_true",
                    help="use the weights as given (default: divide them by their sum)")
     _gen_flags(p, prompt_help="the decoder's text prompt (default: empty)")
-    _model_flags(p)
+    _model_flags(p, speed=True)
     _output_flags(p)
 
     for name, help_text in (("img2img", "redraw an image towards a prompt"),
@@ -246,7 +256,7 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
             p.add_argument("--prompts", metavar="FILE", help="batch: one job a line (text or JSONL)")
         _gen_flags(p, prior=name != "variations",
                    prompt_help="the decoder's text prompt (default: empty)" if name == "variations" else "the prompt")
-        _model_flags(p)
+        _model_flags(p, speed=True)
         _output_flags(p)
 
     p = command("morph", "an animation between prompts/images (interpolated image embeddings, fixed noise)",
@@ -265,7 +275,7 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     p.add_argument("--no-frames", action="store_true", help="write only the animation, not the frame PNGs")
     _gen_flags(p, num=False, prompt_help="the decoder's text prompt for every frame (default: empty)",
                out_help="animation file (.gif/.webp; frames go to NAME-frames/) or folder (default: outputs/)")
-    _model_flags(p)
+    _model_flags(p, speed=True)
     _output_flags(p)
 
     p = command("convert", "convert model weights (original checkpoints, diffusers folders, safetensors)",
@@ -383,6 +393,12 @@ def job_from_args(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             value = str(Path(value).resolve())
         if value is not None:
             job[key] = value
+    if getattr(args, "fast", False):  # explicit values, so that the record regenerates the same image
+        from .pipeline import PRESETS
+
+        for key, value in PRESETS["fast"].items():
+            if key in MODE_KEYS[mode]:
+                job.setdefault(key, value)
     return job
 
 
@@ -491,6 +507,8 @@ def load_pipeline(args: argparse.Namespace, need: Sequence[str], choice: dict[st
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     compat = choice.get("compat") or "diffusers"
     noted: dict[str, Any] = {"dtype": dtype, "compat": compat}
+    speed = dict(low_memory=bool(getattr(args, "low_memory", False)), compile=bool(getattr(args, "compile", False)),
+                 tile_decode={"on": True, "off": False}.get(getattr(args, "tile_decode", None) or "auto"))
     if choice.get("original"):
         original = _optional_module("kandinsky.weights.original_format", "--original (the original checkpoint format)")
         folder = Path(choice["original"])
@@ -502,7 +520,7 @@ def load_pipeline(args: argparse.Namespace, need: Sequence[str], choice: dict[st
             raise FileNotFoundError(f"{folder} has no inpainting checkpoint")
         pipe = Kandinsky21(decoder=decoder if "decoder" in need else None, prior=prior,
                            inpaint=inpaint if "inpaint" in need else None, device=device, dtype=torch_dtype,
-                           compat=compat)
+                           compat=compat, **speed)
         noted["original"] = str(folder.resolve())
         return pipe, noted
     folders: dict[str, Any] = {}
@@ -516,7 +534,8 @@ def load_pipeline(args: argparse.Namespace, need: Sequence[str], choice: dict[st
         folders[role] = folder
         noted[key] = str(folder.resolve()) if given else None
     pipe = Kandinsky21.from_pretrained(decoder=folders.get("decoder"), prior=folders.get("prior"),
-                                       inpaint=folders.get("inpaint"), device=device, dtype=dtype, compat=compat)
+                                       inpaint=folders.get("inpaint"), device=device, dtype=dtype, compat=compat,
+                                       **speed)
     return pipe, noted
 
 

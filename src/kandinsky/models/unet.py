@@ -431,6 +431,7 @@ class DecoderUNet(nn.Module):
         self.gradient_checkpointing = False
         self.channels_last: bool | None = None  # None: channels-last on CPU, contiguous elsewhere
         self._compiled: Any = None
+        self._cuda_graphs = False
 
         self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chans[0], tdim)
@@ -507,6 +508,9 @@ class DecoderUNet(nn.Module):
         if self._compiled is not None and cache is None and not torch.is_grad_enabled():
             try:
                 t = torch.as_tensor(timestep, device=sample.device)  # a tensor, so that steps do not recompile
+                if self._cuda_graphs:  # each call is a new step; its output buffer is reused by the next replay
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return self._compiled(sample, t, cond.emb_add, cond.context, cond.kv).clone()
                 return self._compiled(sample, t, cond.emb_add, cond.context, cond.kv)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
                 warnings.warn(f"torch.compile of the UNet failed ({type(exc).__name__}: {exc}); running eagerly",
@@ -587,6 +591,7 @@ class DecoderUNet(nn.Module):
         if not enabled:
             self._compiled = None
             return
+        self._cuda_graphs = options.get("mode") in ("reduce-overhead", "max-autotune")
         options.setdefault("dynamic", False)
         if "mode" not in options:  # constant weights: inductor folds and prepacks them (oneDNN on CPU)
             options.setdefault("options", {"freezing": True})
