@@ -232,9 +232,10 @@ def _unipc_update(x: torch.Tensor, m: list[torch.Tensor], sig: torch.Tensor, t_i
     if model_t is None:  # predictor
         if d1 is None:
             return x_t.to(x.dtype)
-        rhos = torch.ones(1, dtype=x.dtype) * 0.5
+        rhos = (torch.ones(1, dtype=x.dtype) * 0.5).to(x.device)
         return (x_t - alpha_t * b_h * torch.einsum("k,bkc...->bc...", rhos, d1)).to(x.dtype)
     rhos = torch.ones(1, dtype=x.dtype) * 0.5 if order == 1 else torch.linalg.solve(r, b).to(x.dtype)
+    rhos = rhos.to(x.device)
     corr = torch.einsum("k,bkc...->bc...", rhos[:-1], d1) if d1 is not None else 0
     return (x_t - alpha_t * b_h * (corr + rhos[-1] * (model_t - m0))).to(x.dtype)
 
