@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=420, help="seconds; sections that would start later are skipped")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip", nargs="*", default=[], help="section names to skip")
+    ap.add_argument("--ab", type=int, default=0, help="rounds of ours / diffusers alternately (0: none)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -309,6 +310,36 @@ def main(argv: list[str] | None = None) -> int:
                times=[round(t, 3) for t in times])
 
     section("diffusers", diffusers_part)
+
+    def ab() -> None:
+        """Ours (UniPC and DDIM) and diffusers (DDIM) alternately, one image each per round: the fair ratio."""
+        pipe, (prior, decoder) = state["ours"][dt16], state["diffusers"]
+
+        def theirs() -> None:
+            g = torch.Generator("cpu").manual_seed(0)
+            emb = prior(prompt, num_inference_steps=25, generator=g)
+            decoder(prompt, image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds,
+                    width=args.size, height=args.size, num_inference_steps=args.steps, generator=g, output_type="pt")
+
+        runs = {"ours unipc": lambda: pipe.text_to_image(prompt, width=args.size, height=args.size, steps=args.steps,
+                                                         sampler="unipc", seed=0, output="pt"),
+                "ours ddim": lambda: pipe.text_to_image(prompt, width=args.size, height=args.size, steps=args.steps,
+                                                        sampler="ddim", seed=0, output="pt"),
+                "diffusers ddim": theirs}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for fn in runs.values():
+            timed(fn, device, 1)
+        for _ in range(args.ab):
+            for name, fn in runs.items():
+                times[name] += timed(fn, device, 1)
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            record(section=f"A/B {name}", impl=name.split()[0], dtype=str(dt16).split(".")[-1],
+                   sampler=name.split()[1], steps=args.steps, prior_steps=25, batch=1, s_per_image=round(med, 3),
+                   it_per_s=round(args.steps / med, 1), peak_gb=round(peak_gb(), 2), times=[round(t, 3) for t in ts])
+
+    if args.ab:
+        section("ab", ab)
 
     def unet_steps() -> None:
         pipe = state["ours"][dt16]
