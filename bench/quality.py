@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="decoder steps (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="decoder guidance (default: the model's)")
+    ap.add_argument("--prior-guidance", type=float, default=None, help="prior guidance (default: the model's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--self-test", action="store_true", help="score the checker on rendered training images")
     args = ap.parse_args(argv)
@@ -237,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     pipe = (Kandinsky21.from_pretrained(decoder=args.decoder, prior=args.prior) if args.decoder
             else Kandinsky21.from_pretrained())
+    knobs = {"steps": args.steps, "guidance_scale": args.guidance, "prior_guidance_scale": args.prior_guidance}
     all_cases = cases(args.seed)
     results = []
     for start in range(0, len(all_cases), args.batch):
         chunk = all_cases[start: start + args.batch]
-        imgs = pipe.text_to_image([c.prompt for c in chunk], seed=args.seed + start, steps=args.steps, output="np")
+        imgs = pipe.text_to_image([c.prompt for c in chunk], seed=args.seed + start, output="np", **knobs)
         for case, img in zip(chunk, imgs, strict=True):
             img = (img * 255).round().astype(np.uint8)
             _, found = check(img)
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         figures[name] = {"n": len(rows), "colour": float(np.mean([r[2] for r in rows])) if rows else None,
                          "shape": float(np.mean([r[3] for r in rows])) if rows else None}
 
-    mix_hits, mix_items = mixing(pipe, args.mix_seeds, args.steps)
+    mix_hits, mix_items = mixing(pipe, args.mix_seeds, knobs)
     figures["mixing"] = mix_hits / max(args.mix_seeds, 1)
     print(f"mixing red-circle image + 'a blue square' (0.5/0.5): both present in {mix_hits}/{args.mix_seeds} "
           f"seeds ({100 * figures['mixing']:.0f}%)")
@@ -279,14 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def mixing(pipe, seeds: int, steps: int | None) -> tuple[int, list[tuple[str, np.ndarray, bool]]]:
+def mixing(pipe, seeds: int, knobs: dict) -> tuple[int, list[tuple[str, np.ndarray, bool]]]:
     """How many seeds of the 0.5/0.5 mix of a red-circle image and "a blue square" show both."""
     from kandinsky.train.shapes import make_scene, render
 
     red_circle = PIL.Image.fromarray(render(make_scene("circle", "red", "white", size="big")))
     hits, items = 0, []
     for seed in range(seeds):
-        img = pipe.mix([red_circle, "a blue square"], [0.5, 0.5], seed=seed, steps=steps, output="np")[0]
+        img = pipe.mix([red_circle, "a blue square"], [0.5, 0.5], seed=seed, output="np", **knobs)[0]
         img = (img * 255).round().astype(np.uint8)
         _, found = check(img)
         colors, shapes_ = {f.color for f in found}, {f.shape for f in found}

@@ -69,7 +69,7 @@ class Preset:
     infer_steps: int = 50
     infer_guidance: float = 4.0
     infer_prior_steps: int = 25
-    infer_prior_guidance: float = 4.0
+    infer_prior_guidance: float = 3.0  # measured: shape of the nearest training image 85-88% at 2-3, 55-65% at 8
 
     def schedule(self, stage: str) -> StageSchedule:
         return self.schedules[stage]
