@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
     prompt = "a red cat on a blue sofa, oil painting"
     result: dict = {"impl": args.impl, "size": args.size, "threads": torch.get_num_threads()}
     cpu0 = time.process_time()
@@ -171,6 +172,7 @@ def run(args: argparse.Namespace) -> dict:
         def progress(stage: str, done: int, total: int) -> None:
             if stage == "decoder":
                 stamps.append(time.time())
+                cpu_stamps.append(time.process_time())
                 if done == 1:
                     result["start_to_first_step_s"] = since_process_start()
 
@@ -195,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
 
         def callback(i: int, t: int, latents) -> None:
             stamps.append(time.time())
+            cpu_stamps.append(time.process_time())
             if i == 0:
                 result["start_to_first_step_s"] = since_process_start()
 
@@ -209,10 +212,13 @@ def run(args: argparse.Namespace) -> dict:
                               "guidance_scale": 4.0, "prior_guidance_scale": 4.0}
     t_end = time.time()
     steps_s = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    steps_cpu = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:], strict=False)]
     result.update(
         generate_s=t_end - t_gen, total_s=since_process_start(), cpu_s=time.process_time() - cpu0,
         first_step_end_s=stamps[0] - t_gen if stamps else None, decoder_loop_s=stamps[-1] - t_gen if stamps else None,
         step_median_s=statistics.median(steps_s) if steps_s else None, after_loop_s=t_end - stamps[-1],
+        step_cpu_median_s=statistics.median(steps_cpu) if steps_cpu else None,
+        cpu_before_first_step_s=cpu_stamps[0] - cpu0 if cpu_stamps else None,
         decoder_steps=len(stamps), peak_rss_mb=peak_rss_mb(), finite=bool(abs(float(image.mean())) < 10),
     )
     return result
@@ -247,30 +253,48 @@ def compare(args: argparse.Namespace) -> None:
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
 
+    summarize(rows, args.size)
+
+
+def summarize(rows: dict[str, list[dict]], size: int) -> None:
+    """Medians, the diffusers 100-step extrapolation (wall and CPU time) and the ratios, from ``compare`` rows."""
+
     def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in rows[name])
+        values = [r[key] for r in rows[name] if r.get(key) is not None]
+        return statistics.median(values) if values else float("nan")
 
     ref = rows["diffusers"]
-    fixed = statistics.median(r["total_s"] - r["decoder_steps"] * r["step_median_s"] for r in ref)
+    steps = ref[0]["decoder_steps"]
+    fixed = statistics.median(r["total_s"] - steps * r["step_median_s"] for r in ref)
     ref_total = fixed + 100 * med("diffusers", "step_median_s")
     ours_total = med("ours", "total_s")
-    note = "" if args.ref_steps == 100 else f" (extrapolated from {args.ref_steps}-step runs: fixed + 100 × step)"
-    print(f"\n{args.size}x{args.size}, {rows['ours'][0]['threads']} threads, medians of {args.repeats}:")
+    note = "" if steps == 100 else f" (extrapolated from {steps}-step runs: fixed + 100 × step)"
+    print(f"\n{size}x{size}, {rows['ours'][0]['threads']} threads, medians of {len(rows['ours'])} / {len(ref)} runs:")
     print(f"  ours {rows['ours'][0]['settings']}: {ours_total:.1f} s from process start to image, "
           f"{med('ours', 'step_median_s'):.2f} s/step, peak RSS {med('ours', 'peak_rss_mb'):.0f} MB, "
           f"first decoder step done at {med('ours', 'start_to_first_step_s'):.1f} s")
     print(f"  diffusers (DDIM 100 + prior 25): {ref_total:.1f} s{note}, {med('diffusers', 'step_median_s'):.2f} "
           f"s/step, peak RSS {med('diffusers', 'peak_rss_mb'):.0f} MB, first decoder step done at "
           f"{med('diffusers', 'start_to_first_step_s'):.1f} s")
-    print(f"  ratios ours/diffusers: time {ours_total / ref_total:.3f}, peak RSS "
+    print(f"  ratios ours/diffusers (wall): time {ours_total / ref_total:.3f}, peak RSS "
           f"{med('ours', 'peak_rss_mb') / med('diffusers', 'peak_rss_mb'):.3f}, start to first step "
           f"{med('ours', 'start_to_first_step_s') / med('diffusers', 'start_to_first_step_s'):.3f}, per UNet step "
           f"{med('ours', 'step_median_s') / med('diffusers', 'step_median_s'):.3f}")
+    if all(r.get("step_cpu_median_s") for r in ref + rows["ours"]):
+        cpu_fixed = statistics.median(r["cpu_s"] - steps * r["step_cpu_median_s"] for r in ref)
+        ref_cpu = cpu_fixed + 100 * med("diffusers", "step_cpu_median_s")
+        print(f"  ratios ours/diffusers (process CPU time): whole run {med('ours', 'cpu_s') / ref_cpu:.3f} "
+              f"({med('ours', 'cpu_s'):.0f} s vs {ref_cpu:.0f} s), per UNet step "
+              f"{med('ours', 'step_cpu_median_s') / med('diffusers', 'step_cpu_median_s'):.3f}, before the first "
+              f"step {med('ours', 'cpu_before_first_step_s') / med('diffusers', 'cpu_before_first_step_s'):.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sm = sub.add_parser("summarize", help="the table of an earlier compare --json file")
+    sm.add_argument("json_file", type=Path)
+    sm.add_argument("--size", type=int, default=512)
     m = sub.add_parser("make")
     m.add_argument("--out", type=Path, required=True)
     for name in ("run", "compare"):
@@ -296,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "make":
         make(args.out)
+    elif args.cmd == "summarize":
+        summarize(json.loads(args.json_file.read_text()), args.size)
     elif args.cmd == "run":
         print(json.dumps(run(args)), flush=True)
     else:

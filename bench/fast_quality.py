@@ -44,6 +44,13 @@ CONFIGS: dict[str, dict] = {
     "unipc20-dc2": dict(sampler="unipc", steps=20, prior_steps=25, deep_cache=2),
     "ddim100-dc2": dict(sampler="ddim", steps=100, prior_steps=25, deep_cache=2),
     "ddim100-dc3": dict(sampler="ddim", steps=100, prior_steps=25, deep_cache=3),
+    "unipc20k-p10": dict(sampler="unipc_karras", steps=20, prior_steps=10),
+    "unipc20k-p10-dc2": dict(sampler="unipc_karras", steps=20, prior_steps=10, deep_cache=2),
+    "unipc20k-p10-dc3": dict(sampler="unipc_karras", steps=20, prior_steps=10, deep_cache=3),
+    "unipc15k-p10": dict(sampler="unipc_karras", steps=15, prior_steps=10),
+    "unipc15k-p10-dc2": dict(sampler="unipc_karras", steps=15, prior_steps=10, deep_cache=2),
+    "unipc20k-p10-dc2-cfg0.7": dict(sampler="unipc_karras", steps=20, prior_steps=10, deep_cache=2, cfg_until=0.7),
+    "unipc20k-dc2": dict(sampler="unipc_karras", steps=20, prior_steps=25, deep_cache=2),
     "fast": dict(preset="fast"),
 }
 

@@ -215,7 +215,9 @@ def test_low_memory_gives_the_same_images(ours, prior_pipe, decoder_pipe, inpain
 def test_fast_preset_runs(ours):
     out = ours.text_to_image("a red circle", preset="fast", height=64, width=64, steps=3, prior_steps=2, seed=0,
                              output="pil")
-    assert out[0].size == (64, 64) and out[0].info["kandinsky"]["sampler"] == "unipc"
+    from kandinsky.pipeline import PRESETS
+
+    assert out[0].size == (64, 64) and out[0].info["kandinsky"]["sampler"] == PRESETS["fast"]["sampler"]
 
 
 def test_cli_fast_and_low_memory(capsys, prior_pipe, decoder_pipe, tmp_path, monkeypatch):

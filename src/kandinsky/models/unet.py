@@ -277,6 +277,18 @@ class Conv2d(nn.Conv2d):
         return {**super().__getstate__(), "_packed": None, "_packed_key": None}
 
 
+def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([a, b], dim=1)``; for channels-last tensors as a cat of their NHWC views, which torch's CPU
+    kernel does several times faster than the channel-dim cat of the same memory (same values, same layout)."""
+    cl = torch.channels_last
+    if CAT_NHWC and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
+        return torch.cat([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
+    return torch.cat([a, b], dim=1)
+
+
+CAT_NHWC = True
+
+
 def _silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU, in place when autograd does not need the input."""
     return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
@@ -569,7 +581,7 @@ class DecoderUNet(nn.Module):
             if cache is not None and full and level == n - min(cache.depth, n):
                 cache.feature = h
             for i, res in enumerate(block.resnets):
-                h = self._run(res, torch.cat([h, skips.pop()], dim=1), emb)
+                h = self._run(res, _cat_channels(h, skips.pop()), emb)
                 if block.attentions is not None:
                     h = self._run(block.attentions[i], h, *next(up_kv))
             if block.upsamplers is not None:
