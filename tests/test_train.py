@@ -132,9 +132,11 @@ def test_export_loads_in_ours_and_diffusers(tiny_run):
         p.set_progress_bar_config(disable=True)
     d = pipe.defaults("decoder")
     g = torch.Generator().manual_seed(1)
-    emb = prior("a blue star", num_inference_steps=pipe.defaults("prior")["steps"], generator=g)
+    dp = pipe.defaults("prior")
+    emb = prior("a blue star", num_inference_steps=dp["steps"], guidance_scale=dp["guidance_scale"], generator=g)
     theirs = decoder("a blue star", image_embeds=emb.image_embeds, negative_image_embeds=emb.negative_image_embeds,
-                     height=size, width=size, num_inference_steps=d["steps"], generator=g, output_type="np").images
+                     height=size, width=size, num_inference_steps=d["steps"], guidance_scale=d["guidance_scale"],
+                     generator=g, output_type="np").images
     assert np.abs(ours - theirs).max() < 1e-3
 
 

@@ -86,7 +86,7 @@ BUNDLED = Preset(
         "movq": StageSchedule(steps=800, batch=16, lr=2e-3, warmup=50),
         "prior": StageSchedule(steps=2500, batch=128, lr=1e-3, warmup=50),
         "decoder": StageSchedule(steps=5000, batch=32, lr=1e-3, warmup=100),
-        "inpaint": StageSchedule(steps=1000, batch=32, lr=5e-4, warmup=30),
+        "inpaint": StageSchedule(steps=1000, batch=32, lr=2e-3, warmup=30),
     },
 )
 

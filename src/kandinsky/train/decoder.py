@@ -31,14 +31,18 @@ from .workspace import Workspace
 
 TEXT_DROP = 0.5
 IMAGE_DROP = 0.15
+# The inpainting UNet sees the zero-image embedding half of the time: the full image's embedding already tells it
+# the background and the objects, and without this it learns to ignore the kept part of the image.
+INPAINT_IMAGE_DROP = 0.5
 OFFSET_NOISE = 0.3
 
 
 class Conditioner:
     """Turns (scene indices, rng) into UNet conditioning, with condition dropout."""
 
-    def __init__(self, ws: Workspace) -> None:
+    def __init__(self, ws: Workspace, image_drop: float = IMAGE_DROP) -> None:
         self.ds = ws.data()
+        self.image_drop = image_drop
         self.tok = ws.mclip_tokenizer()
         self.mclip = ws.mclip_model()
         emb = ws.clip_embeds()
@@ -50,7 +54,7 @@ class Conditioner:
         caps = D.captions_for([self.ds.scenes[j] for j in idx.tolist()], rng, drop=TEXT_DROP)
         enc = self.tok(caps, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
         pooled, hidden = self.mclip(enc.input_ids, enc.attention_mask)
-        drop = torch.rand(len(idx), 1, generator=gen) < IMAGE_DROP
+        drop = torch.rand(len(idx), 1, generator=gen) < self.image_drop
         image = torch.where(drop, self.zero, self.image[idx])
         return image, pooled, hidden
 
@@ -58,7 +62,7 @@ class Conditioner:
 def _train_unet(ws: Workspace, stage: str, unet: DecoderUNet, masks: bool) -> dict:
     clock = StageClock()
     sched = ws.preset.schedule(stage)
-    cond_fn = Conditioner(ws)
+    cond_fn = Conditioner(ws, INPAINT_IMAGE_DROP if masks else IMAGE_DROP)
     latents = ws.latents()
     schedule = decoder_schedule()
     seed = ws.seed + (4 if stage == "decoder" else 5)
