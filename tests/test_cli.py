@@ -202,13 +202,10 @@ def main(capsys, *argv) -> tuple[int, str, str]:
     (["morph", "-t", "a"], "morph needs at least 2 --text/--image items"),
     (["variations", "-i", "in.png", "--prior-steps", "3"], "unrecognized arguments: --prior-steps"),
     (["info", "in.png"], "carries no generation parameters"),
-    (["serve"], "kandinsky serve: the HTTP server is not installed in this version"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_errors(capsys, work, monkeypatch, argv, message):
     monkeypatch.chdir(work)
-    if argv == ["serve"] and cli._optional_module("kandinsky.server", "", required=False) is not None:
-        pytest.skip("the server is installed")
     code, out, err = main(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
@@ -304,8 +301,6 @@ def test_weight_parsing():
 
 
 def test_convert_and_train_are_wired(capsys, models, tmp_path):
-    if cli._optional_module("kandinsky.weights.convert", "", required=False) is None:
-        pytest.skip("weight conversion is not installed")
     code, out, err = main(capsys, "convert", models[1], tmp_path / "st", "--to", "safetensors", "--dtype", "fp16",
                           "--json")
     assert code == 0, err
