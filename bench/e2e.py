@@ -51,12 +51,13 @@ def peak_rss_mb() -> float:
 # make
 
 
-def _fill(module, seed: int):
-    """Random weights at O(1) activation scale: N(0, 1/fan_in) matrices, unit norm scales, zero biases."""
+def _fill(module, seed: int, device: str = "cpu"):
+    """Random weights at O(1) activation scale, made on ``device``: N(0, 1/fan_in) matrices, unit norm scales,
+    zero biases (also used by gpu_bench.py)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    module.to_empty(device="cpu")
+    g = torch.Generator(device=device).manual_seed(seed)
+    module.to_empty(device=device)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("clip_std"):
@@ -69,7 +70,7 @@ def _fill(module, seed: int):
                 p.zero_()
         for name, b in module.named_buffers():
             if "position_ids" in name:
-                b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
+                b.copy_(torch.arange(b.shape[-1], device=device).expand(b.shape))
             else:  # token_type_ids and float buffers
                 b.zero_()
     return module.eval()

@@ -60,25 +60,10 @@ def log(msg: str) -> None:
 
 
 def fill(module: torch.nn.Module, device: torch.device, seed: int) -> torch.nn.Module:
-    """Random weights at O(1) activation scale, made on ``device``: N(0, 1/fan_in), unit norm scales."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    module.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("clip_std"):
-                p.fill_(1.0)
-            elif p.ndim >= 2:
-                p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5, generator=g)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for name, b in module.named_buffers():
-            if "position_ids" in name:
-                b.copy_(torch.arange(b.shape[-1], device=device).expand(b.shape))
-            else:  # token_type_ids and float buffers
-                b.zero_()
-    return module.eval().requires_grad_(False)
+    """Random weights at O(1) activation scale, made on ``device`` (the same recipe as e2e.py's CPU models)."""
+    from e2e import _fill
+
+    return _fill(module, seed, device=str(device)).requires_grad_(False)
 
 
 def build_ours(sizes: dict, device: torch.device, dtype: torch.dtype):
