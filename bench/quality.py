@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             else Kandinsky21.from_pretrained())
     knobs = {"steps": args.steps, "guidance_scale": args.guidance, "prior_guidance_scale": args.prior_guidance}
     all_cases = cases(args.seed)
-    results = []
+    results, shape_found = [], []
     for start in range(0, len(all_cases), args.batch):
         chunk = all_cases[start: start + args.batch]
         imgs = pipe.text_to_image([c.prompt for c in chunk], seed=args.seed + start, output="np", **knobs)
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             _, found = check(img)
             top = found[0] if found else Found("none", "none", 0)
             results.append((case, img, top.color == case.color, top.shape == case.shape))
+            shape_found.append((case.shape, top.shape))
     gen_seconds = time.time() - t0
 
     def rate(rows: list, k: int) -> str:
@@ -268,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         figures[name] = {"n": len(rows), "colour": float(np.mean([r[2] for r in rows])) if rows else None,
                          "shape": float(np.mean([r[3] for r in rows])) if rows else None}
 
+    print("shape asked -> shape found (all prompts): " + "; ".join(
+        f"{want}: " + ", ".join(f"{got} {n}" for got, n in sorted(
+            _count(r[1] for r in shape_found if r[0] == want).items(), key=lambda kv: -kv[1]))
+        for want in SHAPES))
+    figures["shape_confusion"] = {want: _count(r[1] for r in shape_found if r[0] == want) for want in SHAPES}
+
     mix_hits, mix_items = mixing(pipe, args.mix_seeds, knobs)
     figures["mixing"] = mix_hits / max(args.mix_seeds, 1)
     print(f"mixing red-circle image + 'a blue square' (0.5/0.5): both present in {mix_hits}/{args.mix_seeds} "
@@ -280,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
 
 
 def mixing(pipe, seeds: int, knobs: dict) -> tuple[int, list[tuple[str, np.ndarray, bool]]]:

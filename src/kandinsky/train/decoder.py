@@ -7,6 +7,13 @@ Condition dropout makes classifier-free guidance work as the pipeline applies it
 with probability 0.5 and the image embedding becomes the zero-image embedding with probability 0.15, so the
 unconditional branch (zero-image embedding + "") is seen too.
 
+Image mixing: the pipeline's ``mix`` decodes a weighted sum of CLIP image embeddings. A small CLIP is not
+additive (the embedding of a picture with a red circle and a blue square is not the mean of the embeddings of
+each alone), so a decoder trained only on real embeddings turns such a mean into a blend (a purple rounded
+object). So, for a share of the two-object scenes, the condition is a random convex mix (weights 0.3-0.7) of
+the embeddings of each of its objects drawn alone (at its place, or big and centred) and the caption is "" as
+under ``mix``: the decoder learns that a mix of two images' embeddings means a picture with both.
+
 The training noise has a per-channel constant "offset" (std 0.3) on top of the i.i.d. Gaussian. Without it a
 small model reads the picture's colours off the mean of x_t, which at high noise is mostly the mean of the
 noise, instead of off the conditioning: sampling from pure noise then gives random background colours.
@@ -19,12 +26,15 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from ..diffusion.schedules import decoder_schedule
+from ..models.text_encoders import clip_image_embeds
 from ..models.unet import DecoderUNet
 from . import config as C
 from . import data as D
+from . import shapes
 from .common import StageClock, Trainer, save_tensors
 from .losses import hybrid_loss
 from .workspace import Workspace
@@ -35,34 +45,69 @@ IMAGE_DROP = 0.15
 # the background and the objects, and without this it learns to ignore the kept part of the image.
 INPAINT_IMAGE_DROP = 0.5
 OFFSET_NOISE = 0.3
+MIX_AUG = 0.4  # share of the two-object scenes conditioned on a mix of their objects' embeddings
 
 
 class Conditioner:
-    """Turns (scene indices, rng) into UNet conditioning, with condition dropout."""
+    """Turns (scene indices, rng) into UNet conditioning, with condition dropout and mixing augmentation."""
 
-    def __init__(self, ws: Workspace, image_drop: float = IMAGE_DROP) -> None:
+    def __init__(self, ws: Workspace, image_drop: float = IMAGE_DROP, mix_aug: float = 0.0) -> None:
         self.ds = ws.data()
-        self.image_drop = image_drop
+        self.image_drop, self.mix_aug = image_drop, mix_aug
         self.tok = ws.mclip_tokenizer()
         self.mclip = ws.mclip_model()
         emb = ws.clip_embeds()
         self.image, self.zero = emb["image"], emb["zero"]
+        self.parts = object_embeds(ws, self.ds) if mix_aug > 0 else {}
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, gen: torch.Generator, rng: random.Random
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        caps = D.captions_for([self.ds.scenes[j] for j in idx.tolist()], rng, drop=TEXT_DROP)
+        scenes = [self.ds.scenes[j] for j in idx.tolist()]
+        mixed = [j in self.parts and rng.random() < self.mix_aug for j in idx.tolist()]
+        caps = D.captions_for(scenes, rng, drop=TEXT_DROP)
+        caps = ["" if m else c for c, m in zip(caps, mixed, strict=True)]
         enc = self.tok(caps, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
         pooled, hidden = self.mclip(enc.input_ids, enc.attention_mask)
+        image = self.image[idx].clone()
+        for row, (j, m) in enumerate(zip(idx.tolist(), mixed, strict=True)):
+            if m:
+                w = rng.uniform(0.3, 0.7)
+                a, b = self.parts[j]
+                image[row] = w * a + (1 - w) * b
         drop = torch.rand(len(idx), 1, generator=gen) < self.image_drop
-        image = torch.where(drop, self.zero, self.image[idx])
-        return image, pooled, hidden
+        return torch.where(drop, self.zero, image), pooled, hidden
+
+
+@torch.no_grad()
+def object_embeds(ws: Workspace, ds: D.ShapesData, batch: int = 512) -> dict[int, torch.Tensor]:
+    """For each two-object training scene, the CLIP image embeddings (2, D) of each of its objects drawn alone on
+    the scene's background: at its own place and size, or (half of the time, seeded) big and centred."""
+    rng = random.Random(ws.seed + 77)
+    index, singles = [], []
+    for j, scene in enumerate(ds.scenes):
+        if len(scene.objects) != 2:
+            continue
+        index.append(j)
+        for obj, rgb in zip(scene.objects, scene.rgb[1:], strict=True):
+            if rng.random() < 0.5:
+                centred = shapes.make_scene(obj.shape, obj.color, scene.background, "big", "center", rng)
+                obj = centred.objects[0]
+            singles.append(shapes.Scene(scene.background, (obj,), (scene.rgb[0], rgb)))
+    if not index:
+        return {}
+    _, vision = ws.clip_models()
+    size = ws.preset.image_size
+    embeds = torch.cat([
+        clip_image_embeds(vision, D.to_clip_input(np.stack([shapes.render(s, size) for s in singles[i: i + batch]])))
+        for i in range(0, len(singles), batch)])
+    return dict(zip(index, embeds.view(len(index), 2, -1), strict=True))
 
 
 def _train_unet(ws: Workspace, stage: str, unet: DecoderUNet, masks: bool) -> dict:
     clock = StageClock()
     sched = ws.preset.schedule(stage)
-    cond_fn = Conditioner(ws, INPAINT_IMAGE_DROP if masks else IMAGE_DROP)
+    cond_fn = Conditioner(ws, INPAINT_IMAGE_DROP if masks else IMAGE_DROP, mix_aug=0.0 if masks else MIX_AUG)
     latents = ws.latents()
     schedule = decoder_schedule()
     seed = ws.seed + (4 if stage == "decoder" else 5)
