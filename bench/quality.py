@@ -11,7 +11,7 @@ generates an image; the checker reads it with pixel statistics only:
 Image mixing: the CLIP embedding of a red-circle image mixed 0.5/0.5 with the prompt "a blue square"; a seed
 counts when the image carries an attribute of each (red or circle, and blue or square).
 
-    python bench/quality.py [--decoder DIR --prior DIR] [--sheet docs/contact_sheet.png] [--mix-seeds 20]
+    python bench/quality.py [--decoder DIR --prior DIR] [--seeds 6] [--sheet docs/contact_sheet.png] [--mix-seeds 20]
 """
 
 from __future__ import annotations
@@ -223,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sheet", type=Path, default=Path("docs/contact_sheet.png"))
     ap.add_argument("--mix-seeds", type=int, default=20)
     ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first seed (prompt backgrounds and sampling)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="run the prompts with this many seeds (seed, seed+1, ...) and pool the results: one seed of "
+                         "120 prompts moves by several points from seed to seed")
     ap.add_argument("--steps", type=int, default=None, help="decoder steps (default: the model's)")
+    ap.add_argument("--sampler", default=None, help="decoder sampler (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="decoder guidance (default: the model's)")
     ap.add_argument("--prior-guidance", type=float, default=None, help="prior guidance (default: the model's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -233,31 +237,42 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.self_test:
         return self_test()
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
 
     from kandinsky import Kandinsky21
 
     t0 = time.time()
     pipe = (Kandinsky21.from_pretrained(decoder=args.decoder, prior=args.prior) if args.decoder
             else Kandinsky21.from_pretrained())
-    knobs = {"steps": args.steps, "guidance_scale": args.guidance, "prior_guidance_scale": args.prior_guidance}
-    all_cases = cases(args.seed)
-    results, shape_found = [], []
-    for start in range(0, len(all_cases), args.batch):
-        chunk = all_cases[start: start + args.batch]
-        imgs = pipe.text_to_image([c.prompt for c in chunk], seed=args.seed + start, output="np", **knobs)
-        for case, img in zip(chunk, imgs, strict=True):
-            img = (img * 255).round().astype(np.uint8)
-            _, found = check(img)
-            top = found[0] if found else Found("none", "none", 0)
-            results.append((case, img, top.color == case.color, top.shape == case.shape))
-            shape_found.append((case.shape, top.shape))
+    knobs = {"steps": args.steps, "guidance_scale": args.guidance, "prior_guidance_scale": args.prior_guidance,
+             "sampler": args.sampler}
+    results, shape_found, per_seed = [], [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        all_cases = cases(seed)
+        first = len(results)
+        for start in range(0, len(all_cases), args.batch):
+            chunk = all_cases[start: start + args.batch]
+            imgs = pipe.text_to_image([c.prompt for c in chunk], seed=seed + start, output="np", **knobs)
+            for case, img in zip(chunk, imgs, strict=True):
+                img = (img * 255).round().astype(np.uint8)
+                _, found = check(img)
+                top = found[0] if found else Found("none", "none", 0)
+                results.append((case, img, top.color == case.color, top.shape == case.shape))
+                shape_found.append((case.shape, top.shape))
+        rows = results[first:]
+        per_seed.append({"seed": seed, "colour": float(np.mean([r[2] for r in rows])),
+                         "shape": float(np.mean([r[3] for r in rows]))})
     gen_seconds = time.time() - t0
 
     def rate(rows: list, k: int) -> str:
         return f"{100 * np.mean([r[k] for r in rows]):5.1f}%" if rows else "   n/a"
 
-    figures: dict = {"prompts": len(results), "seconds": round(gen_seconds, 1)}
-    print(f"{len(results)} prompts, {gen_seconds:.0f} s")
+    figures: dict = {"prompts": len(results), "seconds": round(gen_seconds, 1), "per_seed": per_seed}
+    print(f"{len(results)} images ({len(results) // args.seeds} prompts x {args.seeds} seeds), {gen_seconds:.0f} s")
+    if args.seeds > 1:
+        print("per seed (colour / shape): " + ", ".join(
+            f"{r['seed']}: {100 * r['colour']:.1f} / {100 * r['shape']:.1f}" for r in per_seed))
     print(f"{'subset':<22} {'n':>4} {'colour':>7} {'shape':>7}")
     subsets = {"all": results, "english": [r for r in results if r[0].lang == "en"],
                "russian": [r for r in results if r[0].lang == "ru"],
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
           f"seeds ({100 * figures['mixing']:.0f}%)")
 
     items = [(c.prompt + (" [held out]" if c.held_out else ""), img, ok_c and ok_s)
-             for c, img, ok_c, ok_s in results] + mix_items
+             for c, img, ok_c, ok_s in results[: len(results) // args.seeds]] + mix_items
     contact_sheet(items, args.sheet)
     print(f"contact sheet: {args.sheet}")
     if args.json:
