@@ -102,6 +102,44 @@ def test_stage_loss_falls(tiny_run, stage):
     assert records[stage]["seconds"] > 0 and (ws.root / stage / "ckpt" / "model.safetensors").is_file()
 
 
+def test_mixing_augmentation_conditions_on_mixes_of_the_objects(tiny_run):
+    from kandinsky.models.text_encoders import clip_image_embeds
+    from kandinsky.train import data as D
+    from kandinsky.train.decoder import Conditioner, object_embeds
+
+    ws, _, _ = tiny_run
+    ds = ws.data()
+    two = [j for j, s in enumerate(ds.scenes) if len(s.objects) == 2]
+    parts = object_embeds(ws, ds, centred=0.0)
+    assert two and sorted(parts) == two
+    j = two[0]
+    assert parts[j].shape == (2, ws.preset.clip_dim)
+    # each part is the embedding of one of the scene's objects drawn alone, in place, on the scene's background
+    _, vision = ws.clip_models()
+    scene = ds.scenes[j]
+    alone = [shapes.render(shapes.Scene(scene.background, (o,), (scene.rgb[0], rgb)), ws.preset.image_size)
+             for o, rgb in zip(scene.objects, scene.rgb[1:], strict=True)]
+    with torch.no_grad():
+        direct = clip_image_embeds(vision, D.to_clip_input(np.stack(alone)))
+    torch.testing.assert_close(parts[j], direct, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(direct[0], direct[1])
+    centred = object_embeds(ws, ds, centred=1.0)[j]  # big and centred: another picture of the same objects
+    assert not torch.allclose(centred, direct, atol=1e-3)
+
+    cond = Conditioner(ws, image_drop=0.0, mix_aug=1.0)
+    parts = cond.parts
+    idx = torch.tensor([j, j])
+    image, _, _ = cond(idx, torch.Generator().manual_seed(0), random.Random(0))
+    a, b = parts[j]
+    for row in image:  # a convex mix with weight in [0.3, 0.7], never the scene's own embedding
+        w = float(((row - b) @ (a - b)) / ((a - b) @ (a - b)))
+        assert 0.3 - 1e-4 <= w <= 0.7 + 1e-4
+        torch.testing.assert_close(row, w * a + (1 - w) * b, atol=1e-4, rtol=1e-4)
+    single = next(i for i, s in enumerate(ds.scenes) if len(s.objects) == 1)
+    image, _, _ = cond(torch.tensor([single]), torch.Generator().manual_seed(0), random.Random(0))
+    torch.testing.assert_close(image[0], cond.image[single])
+
+
 def test_rerun_of_finished_stage_is_a_no_op(tiny_run):
     from kandinsky.train.stages import run_stage
 

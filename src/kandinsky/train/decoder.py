@@ -80,9 +80,9 @@ class Conditioner:
 
 
 @torch.no_grad()
-def object_embeds(ws: Workspace, ds: D.ShapesData, batch: int = 512) -> dict[int, torch.Tensor]:
+def object_embeds(ws: Workspace, ds: D.ShapesData, centred: float = 0.5, batch: int = 512) -> dict[int, torch.Tensor]:
     """For each two-object training scene, the CLIP image embeddings (2, D) of each of its objects drawn alone on
-    the scene's background: at its own place and size, or (half of the time, seeded) big and centred."""
+    the scene's background: at its own place and size, or (with probability ``centred``, seeded) big and centred."""
     rng = random.Random(ws.seed + 77)
     index, singles = [], []
     for j, scene in enumerate(ds.scenes):
@@ -90,9 +90,9 @@ def object_embeds(ws: Workspace, ds: D.ShapesData, batch: int = 512) -> dict[int
             continue
         index.append(j)
         for obj, rgb in zip(scene.objects, scene.rgb[1:], strict=True):
-            if rng.random() < 0.5:
-                centred = shapes.make_scene(obj.shape, obj.color, scene.background, "big", "center", rng)
-                obj = centred.objects[0]
+            if rng.random() < centred:
+                big = shapes.make_scene(obj.shape, obj.color, scene.background, "big", "center", rng)
+                obj = big.objects[0]
             singles.append(shapes.Scene(scene.background, (obj,), (scene.rgb[0], rgb)))
     if not index:
         return {}
