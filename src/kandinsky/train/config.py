@@ -86,7 +86,7 @@ BUNDLED = Preset(
         "mclip": StageSchedule(steps=300, batch=128, lr=2e-3, warmup=30),
         "movq": StageSchedule(steps=1600, batch=16, lr=2e-3, warmup=50),
         "prior": StageSchedule(steps=2500, batch=128, lr=1e-3, warmup=50),
-        "decoder": StageSchedule(steps=7000, batch=32, lr=1e-3, warmup=100),
+        "decoder": StageSchedule(steps=8500, batch=32, lr=1e-3, warmup=100),
         "inpaint": StageSchedule(steps=1000, batch=32, lr=2e-3, warmup=30),
     },
 )
