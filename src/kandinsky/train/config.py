@@ -1,6 +1,6 @@
 """Sizes and schedules of the scaled-down Kandinsky 2.1 trained here, and builders for its components.
 
-``PRESETS["bundled"]`` is the model shipped in ``kandinsky/assets`` (50 minutes on 2 CPU cores);
+``PRESETS["bundled"]`` is the model shipped in ``kandinsky/assets`` (54 minutes on 2 CPU cores);
 ``PRESETS["tiny"]`` runs every stage in seconds (tests). Every component is one of the project's model classes
 (or the transformers CLIP / XLM-R classes the loader builds), configured as diffusers would write it.
 """
@@ -67,7 +67,7 @@ class Preset:
     schedules: dict[str, StageSchedule] = field(default_factory=dict)
     # recommended inference settings recorded in the exported folders
     infer_steps: int = 50
-    # chosen on bench/quality.py over 6 seeds (decoder 3 vs 4, prior 2 vs 3 vs 5): see README "Training"
+    # chosen on bench/quality.py over 6 seeds (decoder 2-5, prior 2/3/5): see README "Training"
     infer_guidance: float = 3.0
     infer_prior_steps: int = 25
     infer_prior_guidance: float = 2.0
