@@ -42,7 +42,7 @@ DDPM_DEFAULTS = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0
 MixItem = str | PIL.Image.Image | Path | torch.Tensor
 # Speed presets: values used where the call leaves an argument unset (before the model folder's defaults).
 # "fast" was chosen from measurements (docs/benchmarks.md): on the bundled model its attribute accuracy is within
-# noise of the 100-step DDIM result of the same seeds (+0.5 points over 6 seeds), at a fifth of the decoder steps
+# noise of the 100-step DDIM result of the same seeds (+0.4 points over 3 seeds), at a fifth of the decoder steps
 # and 0.13x (wall) / 0.18x (CPU) the end-to-end time of diffusers' defaults on the published architecture.
 # DeepCache and partial guidance stay off: their quality cost was not clearly negligible (-4.6 to +0.8 points).
 PRESETS: dict[str, dict[str, Any]] = {
