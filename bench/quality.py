@@ -21,7 +21,7 @@ import json
 import random
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,11 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         figures[name] = {"n": len(rows), "colour": float(np.mean([r[2] for r in rows])) if rows else None,
                          "shape": float(np.mean([r[3] for r in rows])) if rows else None}
 
+    confusion = {want: Counter(got for asked, got in shape_found if asked == want) for want in SHAPES}
     print("shape asked -> shape found (all prompts): " + "; ".join(
-        f"{want}: " + ", ".join(f"{got} {n}" for got, n in sorted(
-            _count(r[1] for r in shape_found if r[0] == want).items(), key=lambda kv: -kv[1]))
-        for want in SHAPES))
-    figures["shape_confusion"] = {want: _count(r[1] for r in shape_found if r[0] == want) for want in SHAPES}
+        f"{want}: " + ", ".join(f"{got} {n}" for got, n in found.most_common()) for want, found in confusion.items()))
+    figures["shape_confusion"] = {want: dict(found) for want, found in confusion.items()}
 
     mix_hits, mix_items = mixing(pipe, args.mix_seeds, knobs)
     figures["mixing"] = mix_hits / max(args.mix_seeds, 1)
@@ -302,13 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
 
 
 def mixing(pipe, seeds: int, knobs: dict) -> tuple[int, list[tuple[str, np.ndarray, bool]]]:

@@ -141,10 +141,16 @@ def train(ws: Workspace) -> dict:
 
 
 @torch.no_grad()
-def embed_dataset(ws: Workspace, ds: D.ShapesData, vision: nn.Module, batch: int = 512) -> None:
+def embed_images(vision: nn.Module, images: np.ndarray, batch: int = 512) -> torch.Tensor:
+    """CLIP image embeddings (N, D) of uint8 images (N, H, W, 3), computed in batches."""
+    return torch.cat([clip_image_embeds(vision, D.to_clip_input(images[i: i + batch]))
+                      for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def embed_dataset(ws: Workspace, ds: D.ShapesData, vision: nn.Module) -> None:
     """Cache the CLIP image embeddings of the training set, the zero-image embedding and their statistics."""
-    embeds = torch.cat([clip_image_embeds(vision, D.to_clip_input(ds.images[i: i + batch]))
-                        for i in range(0, len(ds), batch)])
+    embeds = embed_images(vision, ds.images)
     size = ws.preset.image_size
     zero = clip_image_embeds(vision, torch.zeros(1, 3, size, size))
     save_tensors({"image": embeds, "zero": zero, "mean": embeds.mean(0, keepdim=True),

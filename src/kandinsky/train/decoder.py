@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from ..diffusion.schedules import decoder_schedule
-from ..models.text_encoders import clip_image_embeds
 from ..models.unet import DecoderUNet
 from . import config as C
 from . import data as D
 from . import shapes
+from .clip import embed_images
 from .common import StageClock, Trainer, save_tensors
 from .losses import hybrid_loss
 from .workspace import Workspace
@@ -80,7 +80,7 @@ class Conditioner:
 
 
 @torch.no_grad()
-def object_embeds(ws: Workspace, ds: D.ShapesData, centred: float = 0.5, batch: int = 512) -> dict[int, torch.Tensor]:
+def object_embeds(ws: Workspace, ds: D.ShapesData, centred: float = 0.5) -> dict[int, torch.Tensor]:
     """For each two-object training scene, the CLIP image embeddings (2, D) of each of its objects drawn alone on
     the scene's background: at its own place and size, or (with probability ``centred``, seeded) big and centred."""
     rng = random.Random(ws.seed + 77)
@@ -97,10 +97,7 @@ def object_embeds(ws: Workspace, ds: D.ShapesData, centred: float = 0.5, batch: 
     if not index:
         return {}
     _, vision = ws.clip_models()
-    size = ws.preset.image_size
-    embeds = torch.cat([
-        clip_image_embeds(vision, D.to_clip_input(np.stack([shapes.render(s, size) for s in singles[i: i + batch]])))
-        for i in range(0, len(singles), batch)])
+    embeds = embed_images(vision, np.stack([shapes.render(s, ws.preset.image_size) for s in singles]))
     return dict(zip(index, embeds.view(len(index), 2, -1), strict=True))
 
 
