@@ -84,3 +84,18 @@ def _leaves(x):
     if isinstance(x, tuple | list):
         return [t for item in x for t in _leaves(item)]
     return [torch.as_tensor(x).float()]
+
+
+@pytest.fixture(params=["fast", "plain"])
+def fast_paths(request):
+    """Run a test once with the CPU fast paths (where this CPU has them) and once with plain PyTorch layers.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("fast_paths")``.
+    """
+    from kandinsky.models import fastpath
+
+    fastpath.set_enabled(request.param == "fast")
+    try:
+        yield request.param
+    finally:
+        fastpath.set_enabled(None)

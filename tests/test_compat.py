@@ -9,6 +9,8 @@ import pytest
 from kandinsky import Kandinsky21
 from kandinsky.diffusion.schedules import original_ddim_timesteps
 
+pytestmark = pytest.mark.usefixtures("fast_paths")  # every test with the CPU fast paths and without
+
 IMG = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 
 

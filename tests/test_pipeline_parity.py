@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import assert_matches
 
+pytestmark = pytest.mark.usefixtures("fast_paths")  # every test with the CPU fast paths and without
+
 EMB_TOL = 1e-4
 IMG_TOL = 1e-4
 

@@ -8,8 +8,11 @@ import pickle
 import pytest
 import torch
 
+from kandinsky.models import fastpath
 from kandinsky.models import unet as unet_module
 from kandinsky.models.unet import DecoderUNet, UNetCondition, UNetConfig
+
+pytestmark = pytest.mark.usefixtures("fast_paths")  # every test with the CPU fast paths and without
 
 TOL = 1e-5
 TINY = {  # (block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, encoder_hid_dim)
@@ -280,14 +283,16 @@ def test_backward_and_gradient_checkpointing():
 # -- CPU fast path ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a oneDNN build of torch")
-def test_cpu_fast_path_is_active():
-    assert unet_module._MKLDNN, "the oneDNN self-check failed; CPU inference silently runs the slow path"
+def test_cpu_fast_path_follows_the_switch(fast_paths):
+    """fp32 oneDNN kernels exist on every x86-64 CPU with a oneDNN build; the switch turns them off."""
+    if fast_paths == "fast" and torch.backends.mkldnn.is_available():
+        ok, why = fastpath.probe("conv", torch.float32)
+        assert ok, f"the fp32 oneDNN conv self-check failed ({why}); CPU inference silently runs the slow path"
     ref = build_reference(seed=5)
     unet = ours_from(ref).requires_grad_(False)
     with torch.inference_mode():
         unet(torch.randn(2, 4, 8, 8), 1, unet.prepare_condition(*inputs(unet.config)))
-    assert unet.conv_in._packed is not None
+    assert (unet.conv_in._packed is not None) == fastpath.usable("conv", torch.float32)
 
 
 def test_packed_weights_follow_weight_and_shape_changes():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .diffusion.schedules import (
     solver_sigmas,
     spaced_timesteps,
 )
+from .models import fastpath
 from .models.common import page_out
 from .models.text_encoders import clip_image_embeds, clip_text_features
 from .models.unet import DeepCache
@@ -116,6 +118,10 @@ class Kandinsky21:
             raise ValueError(f"compat must be one of {COMPATS}, got {compat!r}")
         self.decoder, self.prior, self.inpaint_model = decoder, prior, inpaint
         self.device, self.dtype = torch.device(device), dtype
+        if self.device.type == "cpu" and not fastpath.native(dtype):
+            warnings.warn(f"{str(dtype).removeprefix('torch.')} has no native support on this CPU (it needs "
+                          "AVX512-BF16/AMX for bfloat16, AVX512-FP16 for float16): it runs correctly but emulated, "
+                          "slower than float32; use dtype='float32' for speed", RuntimeWarning, stacklevel=2)
         self.compat = compat
         self.progress: Progress = None
         self._zero_embed: torch.Tensor | None = None

@@ -7,14 +7,14 @@ names follow diffusers' ``UNet2DConditionModel`` so its state dict loads with ``
 
 Everything that depends on neither the timestep nor the latent (the added time embedding, the context tokens,
 the context keys/values of every attention layer) is computed once per sampling call by ``prepare_condition``.
-CPU inference runs channels-last through oneDNN (prepacked conv weights, fused bias/residual adds); whenever
-autograd is needed, or off CPU, the layers are plain PyTorch.
+CPU inference runs channels-last through oneDNN (prepacked conv weights, fused bias/residual adds) where
+``fastpath`` found the kernels for the dtype on this CPU; whenever autograd is needed, off CPU, or without those
+kernels, the layers are plain PyTorch.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kandinsky.models.common import config_value, page_out, timestep_embedding
+from kandinsky.models.fastpath import Conv2d, Linear, cat_channels
 
 _DOWN_FIRST, _DOWN_REST = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
 _UP_LAST, _UP_REST = "ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"
@@ -181,112 +182,6 @@ class DeepCache:
 
 
 # -- layers ------------------------------------------------------------------------------------------------
-
-
-def _mkldnn_ops_work() -> bool:
-    """Whether this torch build has the oneDNN ops the CPU fast path uses (and they agree with aten)."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        x, w, b, res = (torch.randn(*s, device="cpu") for s in ((1, 4, 5, 5), (3, 4, 3, 3), (3,), (1, 3, 5, 5)))
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, None)
-        y = torch.ops.mkldnn._convolution_pointwise.binary(x, res, packed, b, [1, 1], [1, 1], [1, 1], 1, "add",
-                                                          1.0, None, [], None)
-        t, lw, lres = x[0, 0], w[:, 0, 0, :].repeat(1, 2)[:, :5], res[0, 0, :, :3]
-        z = torch.ops.mkldnn._linear_pointwise.binary(t, lres, lw, b, "add")
-        return bool(torch.allclose(y, F.conv2d(x, w, b, padding=1) + res, atol=1e-5)
-                    and torch.allclose(z, F.linear(t, lw, b) + lres, atol=1e-5))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_MKLDNN = _mkldnn_ops_work()
-_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _cpu_fast(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Use the oneDNN ops: CPU, fp32/bf16, and autograd not needed (they have no backward)."""
-    return (_MKLDNN and w.device.type == "cpu" and w.dtype in _MKLDNN_DTYPES and x.dtype == w.dtype
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and not torch.compiler.is_compiling())  # under torch.compile inductor packs the weights itself
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` with an optional fused residual; CPU inference goes through oneDNN.
-
-    On CPUs where MKL's sgemm does not take its fastest path (AMD), oneDNN's matmul is about twice as fast, and
-    it adds the bias (and ``add``) in the same pass.
-    """
-
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        if _cpu_fast(x, self.weight):
-            if add is None:
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.weight, self.bias, "add")
-        out = F.linear(x, self.weight, self.bias)
-        return out if add is None else out + add
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` with an optional fused residual; CPU inference reuses a oneDNN-prepacked weight.
-
-    Eager ``F.conv2d`` on CPU re-lays-out the weight into oneDNN's blocked format at every call, which dominates
-    at low resolution (a 1536-channel 3x3 weight is 85 MB). The packed copy is made for the input shape (the
-    best blocking depends on it) and rebuilt when the shape or the weight changes (new tensor, in-place update,
-    dtype or device move), so a sampling loop packs once. It doubles the memory of the conv weights;
-    ``prepack = False`` (``DecoderUNet.set_cpu_prepack(False)``) gives that back for speed. Whenever autograd
-    is needed, or off CPU, this is a plain ``nn.Conv2d``.
-    """
-
-    prepack: bool = True
-    page_out_source: bool = False  # low-memory mode: drop the (memory-mapped) source weight's pages once packed
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._packed: torch.Tensor | None = None
-        self._packed_key: tuple | None = None
-
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        if self.prepack and _cpu_fast(x, self.weight):
-            geometry = (self.padding, self.stride, self.dilation, self.groups)
-            w = self._packed_weight(x.shape)
-            if add is None:
-                return torch.ops.mkldnn._convolution_pointwise(x, w, self.bias, *geometry, "none", [], "")
-            return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, self.bias, *geometry, "add", 1.0,
-                                                                  None, [], None)
-        out = super().forward(x)
-        return out if add is None else out + add
-
-    def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(input_shape), torch.get_num_threads())
-        if self._packed is None or self._packed_key[0]() is not w or self._packed_key[1:] != key:
-            self._packed = None  # free the stale copy first
-            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(input_shape))
-            self._packed_key = (weakref.ref(w), *key)
-            if self.page_out_source:
-                page_out([w])
-        return self._packed
-
-    def release_packed(self) -> None:
-        self._packed = self._packed_key = None
-
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave the packed weight behind
-        return {**super().__getstate__(), "_packed": None, "_packed_key": None}
-
-
-def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([a, b], dim=1)``; for channels-last tensors as a cat of their NHWC views, which torch's CPU
-    kernel does several times faster than the channel-dim cat of the same memory (same values, same layout)."""
-    cl = torch.channels_last
-    if CAT_NHWC and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
-        return torch.cat([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
-    return torch.cat([a, b], dim=1)
-
-
-CAT_NHWC = True
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
@@ -581,7 +476,7 @@ class DecoderUNet(nn.Module):
             if cache is not None and full and level == n - min(cache.depth, n):
                 cache.feature = h
             for i, res in enumerate(block.resnets):
-                h = self._run(res, _cat_channels(h, skips.pop()), emb)
+                h = self._run(res, cat_channels(h, skips.pop()), emb)
                 if block.attentions is not None:
                     h = self._run(block.attentions[i], h, *next(up_kv))
             if block.upsamplers is not None:
