@@ -634,3 +634,40 @@ def test_pipeline_from_original_gives_same_images(original, ours):
                    lambda: shared.inpaint(img, mask, "a red circle", **kwargs))
     with pytest.raises(ValueError, match="not both"):
         Kandinsky21.from_pretrained(decoder=original, original=original)
+
+
+def test_clip_width_without_a_head_count_is_refused(original):
+    """OpenAI builds width // 64 heads; a width 64 does not divide has no inferable head count: refuse it unless
+    ``configs`` names one (the tiny CLIP here is 32 wide)."""
+    with pytest.raises(ValueError, match=r"ViT-L-14\.pt.*CLIP text width 32 is not a multiple of 64.*clip_text"):
+        of.load_original(original, configs={k: v for k, v in TINY.items() if k != "clip_text"})
+    with pytest.raises(ValueError, match=r"positive divisor"):
+        of.load_original(original, configs={**TINY, "clip_vision": {"num_attention_heads": 5}})
+
+
+def test_refused_torchscript_is_not_read_again(tmp_path):
+    """A refused TorchScript archive gives our error only: no torch.load retry (which would print torch's
+    "dispatching to torch.jit.load" warning) through the CLIP-stats path of convert."""
+    import os
+    import pickle
+    import warnings
+    import zipfile
+
+    from kandinsky.weights.convert import convert
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = tmp_path / "ViT-L-14.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Payload(), protocol=2))
+        z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("archive/code/__torch__.py", "def forward(self):\n  pass\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="was refused"):
+            convert(path, tmp_path / "out.safetensors", to="safetensors", progress=False)
+        with pytest.raises(ValueError, match="TorchScript archive, not a CLIP stats file"):
+            of.read_clip_stats(path)
+    assert not (tmp_path / "out.safetensors").exists()

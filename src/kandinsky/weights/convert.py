@@ -271,8 +271,8 @@ def read_any(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return of.read_weights(path)
     except ValueError as exc:
-        if path.suffix not in PICKLE_SUFFIXES:
-            raise
+        if path.suffix not in PICKLE_SUFFIXES or of.is_torchscript_archive(path):
+            raise  # a TorchScript archive is never the stats pair: no second reading of a refused file
         try:
             mean, std = of.read_clip_stats(path)
         except ValueError:

@@ -327,6 +327,8 @@ def read_clip_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     obj: Any
     if path.suffix == ".safetensors":
         obj = load_file(path)
+    elif is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
+        raise ValueError(f"{path} is a TorchScript archive, not a CLIP stats file (a pickled (mean, std) pair)")
     elif path.suffix in PICKLE_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -845,14 +847,31 @@ def _openai_extra(key: str) -> bool:
     return key in OPENAI_CLIP_EXTRAS or key.endswith(".attn_mask")
 
 
-def clip_from_openai(sd: Mapping[str, torch.Tensor], *, head_dim: int = 64, source: str = "CLIP checkpoint"
+def _clip_heads(width: int, head_dim: int, given: Any, source: str, part: str) -> int:
+    """Attention heads of a CLIP tower: ``given`` (``configs``' ``num_attention_heads``) or width / ``head_dim``,
+    which must divide (OpenAI's model is built with width // 64 heads and cannot have a remainder)."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1 or width % given:
+            raise ValueError(f"{source}: num_attention_heads={given!r} for the CLIP {part} tower must be a positive "
+                             f"divisor of its width {width}")
+        return given
+    if width < head_dim or width % head_dim:
+        raise ValueError(f"{source}: the CLIP {part} width {width} is not a multiple of {head_dim}, so its number of "
+                         f"attention heads cannot be inferred (OpenAI's rule is width / {head_dim}); pass "
+                         f"configs={{'clip_{part}': {{'num_attention_heads': N}}}}")
+    return width // head_dim
+
+
+def clip_from_openai(sd: Mapping[str, torch.Tensor], *, head_dim: int = 64, source: str = "CLIP checkpoint",
+                     text_heads: int | None = None, vision_heads: int | None = None
                      ) -> tuple[Tensors, Tensors, dict[str, Any], dict[str, Any]]:
     """OpenAI CLIP (ViT) state dict -> ``(text_sd, vision_sd, text_config, vision_config)`` for transformers'
     ``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``.
 
     ``in_proj`` is split into contiguous thirds (q, k, v); projections are transposed. Configs come from the
-    shapes; heads = width / ``head_dim`` (OpenAI's rule, 64). ``logit_scale`` and tensor attributes such as
-    ``attn_mask`` are accepted and dropped; any other unused tensor raises.
+    shapes; heads = width / ``head_dim`` (OpenAI's rule, 64) unless ``text_heads`` / ``vision_heads`` say; a
+    width that ``head_dim`` does not divide raises ValueError without them. ``logit_scale`` and tensor
+    attributes such as ``attn_mask`` are accepted and dropped; any other unused tensor raises.
     """
     text_layers = _count(sd, r"transformer\.resblocks\.(\d+)\.", source, "text transformer blocks")
     vision_layers = _count(sd, r"visual\.transformer\.resblocks\.(\d+)\.", source, "vision transformer blocks")
@@ -870,7 +889,7 @@ def clip_from_openai(sd: Mapping[str, torch.Tensor], *, head_dim: int = 64, sour
         "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "vocab_size": vocab,
         "hidden_size": width, "intermediate_size": int(text_sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         "projection_dim": int(text_sd["text_projection.weight"].shape[0]), "num_hidden_layers": text_layers,
-        "num_attention_heads": max(width // head_dim, 1),
+        "num_attention_heads": _clip_heads(width, head_dim, text_heads, source, "text"),
         "max_position_embeddings": int(text_sd["text_model.embeddings.position_embedding.weight"].shape[0]),
         # eos_token_id 2 selects transformers' legacy pooling at argmax(input_ids), which is OpenAI's rule;
         # these are the ids of the published openai/clip-vit-large-patch14 config
@@ -886,7 +905,8 @@ def clip_from_openai(sd: Mapping[str, torch.Tensor], *, head_dim: int = 64, sour
         "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", "hidden_size": vwidth,
         "intermediate_size": int(vision_sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         "projection_dim": int(vision_sd["visual_projection.weight"].shape[0]), "num_hidden_layers": vision_layers,
-        "num_attention_heads": max(vwidth // head_dim, 1), "num_channels": int(patch.shape[1]),
+        "num_attention_heads": _clip_heads(vwidth, head_dim, vision_heads, source, "vision"),
+        "num_channels": int(patch.shape[1]),
         "image_size": grid * int(patch.shape[-1]), "patch_size": int(patch.shape[-1]), "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
     }
@@ -1171,7 +1191,9 @@ def openai_clip_parts(path: str | Path, *, configs: Mapping[str, Mapping[str, An
     """Read an OpenAI CLIP file and map it: ``(text_sd, vision_sd, text_config, vision_config)``."""
     path = Path(path)
     configs = configs or {}
-    text_sd, vision_sd, text_cfg, vision_cfg = clip_from_openai(read_weights(path), source=str(path))
+    text_sd, vision_sd, text_cfg, vision_cfg = clip_from_openai(
+        read_weights(path), source=str(path), text_heads=configs.get("clip_text", {}).get("num_attention_heads"),
+        vision_heads=configs.get("clip_vision", {}).get("num_attention_heads"))
     text_cfg.update(configs.get("clip_text", {}))
     vision_cfg.update(configs.get("clip_vision", {}))
     return text_sd, vision_sd, text_cfg, vision_cfg
