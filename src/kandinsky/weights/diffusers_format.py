@@ -17,7 +17,7 @@ from ..models.movq import MoVQ, MoVQConfig
 from ..models.prior import PriorConfig, PriorTransformer
 from ..models.text_encoders import MultilingualCLIP, build_clip_text, build_clip_vision
 from ..models.unet import DecoderUNet, UNetConfig
-from .io import fill_module, find_weights, load_file, read_json
+from .io import fill_module, find_weights, load_file, read_json, why_missing
 
 DECODER_CLASSES = ("KandinskyPipeline", "KandinskyImg2ImgPipeline", "KandinskyInpaintPipeline")
 PRIOR_CLASSES = ("KandinskyPriorPipeline",)
@@ -71,7 +71,8 @@ def read_model_index(folder: Path, allowed: tuple[str, ...], role: str) -> dict[
     """Check that ``folder`` is a diffusers pipeline folder of one of the ``allowed`` classes."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{role} folder not found: {folder}")
+        why = why_missing(folder, "folder")
+        raise FileNotFoundError(f"{role} folder not found: {folder}" if why.startswith("missing") else why)
     index = read_json(folder / "model_index.json")
     cls = index.get("_class_name")
     if cls not in allowed:
@@ -79,15 +80,38 @@ def read_model_index(folder: Path, allowed: tuple[str, ...], role: str) -> dict[
     return index
 
 
-def _build(cls_or_fn: Any, config: Any) -> nn.Module:
-    with torch.device("meta"):
-        return cls_or_fn(config)
+def _config(path: Path, parse: Any = None) -> Any:
+    """Read a component's ``config.json`` and parse it; an invalid config raises a ValueError naming the file."""
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    try:
+        return parse(raw) if parse is not None else raw
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
-def _load_component(module: nn.Module, folder: Path, stems: tuple[str, ...], *, dtype: torch.dtype,
-                    device: torch.device | str, ignore: Any = None) -> nn.Module:
+def _build(cls_or_fn: Any, config: Any, config_path: Path) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            return cls_or_fn(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"{config_path} describes a model that cannot be built: {exc}") from exc
+
+
+def _load_component(build: Any, folder: Path, stems: tuple[str, ...], *, dtype: torch.dtype,
+                    device: torch.device | str, ignore: Any = None, parse: Any = None) -> nn.Module:
+    """Build the module ``folder/config.json`` describes (``parse`` turns the JSON into ``build``'s argument)
+    and fill it from the folder's weights; a config that does not match the weights is named in the error."""
+    config_path = folder / "config.json"
+    module = _build(build, _config(config_path, parse), config_path)
     path = find_weights(folder, stems)
-    return fill_module(module, load_file(path), str(path), ignore=ignore, dtype=dtype, device=device)
+    try:
+        return fill_module(module, load_file(path), str(path), ignore=ignore, dtype=dtype, device=device)
+    except ValueError as exc:
+        if "does not match the model config" in str(exc) or "wrong shape" in str(exc):
+            raise ValueError(f"{exc} (the config is {config_path})") from exc
+        raise
 
 
 def _defaults(folder: Path) -> dict[str, Any]:
@@ -108,19 +132,18 @@ def load_decoder(folder: str | Path, *, device: torch.device | str = "cpu",
     folder = Path(folder)
     role = "inpaint model" if inpaint else "decoder"
     read_model_index(folder, DECODER_CLASSES, role)
-    unet_cfg = UNetConfig.from_dict(read_json(folder / "unet" / "config.json"))
+    unet_cfg = _config(folder / "unet" / "config.json", UNetConfig.from_dict)
     if inpaint is True and unet_cfg.in_channels != 9:
         raise ValueError(f"{folder} has a {unet_cfg.in_channels}-channel UNet; inpainting needs the 9-channel "
                          "kandinsky-2-1-inpaint model")
     if inpaint is False and unet_cfg.in_channels != 4:
         raise ValueError(f"{folder} has a {unet_cfg.in_channels}-channel UNet; pass it as inpaint=, not decoder=")
-    unet = _load_component(_build(DecoderUNet, unet_cfg), folder / "unet", DIFFUSERS_WEIGHTS,
-                           dtype=dtype, device=device)
-    movq = _load_component(_build(MoVQ, MoVQConfig.from_dict(read_json(folder / "movq" / "config.json"))),
-                           folder / "movq", DIFFUSERS_WEIGHTS, dtype=dtype, device=device)
-    text_cfg = read_json(folder / "text_encoder" / "config.json")
-    text_encoder = _load_component(_build(MultilingualCLIP.from_dict, text_cfg), folder / "text_encoder",
-                                   TRANSFORMERS_WEIGHTS, dtype=dtype, device=device, ignore=_ignore_hf_extras)
+    unet = _load_component(DecoderUNet, folder / "unet", DIFFUSERS_WEIGHTS, dtype=dtype, device=device,
+                           parse=UNetConfig.from_dict)
+    movq = _load_component(MoVQ, folder / "movq", DIFFUSERS_WEIGHTS, dtype=dtype, device=device,
+                           parse=MoVQConfig.from_dict)
+    text_encoder = _load_component(MultilingualCLIP.from_dict, folder / "text_encoder", TRANSFORMERS_WEIGHTS,
+                                   dtype=dtype, device=device, ignore=_ignore_hf_extras)
     tokenizer = _tokenizer(XLMRobertaTokenizer, folder / "tokenizer")
     ddpm_path = folder / "ddpm_scheduler" / "scheduler_config.json"
     return DecoderParts(
@@ -138,15 +161,12 @@ def load_prior(folder: str | Path, *, device: torch.device | str = "cpu",
 
     folder = Path(folder)
     read_model_index(folder, PRIOR_CLASSES, "prior")
-    prior_cfg = PriorConfig.from_dict(read_json(folder / "prior" / "config.json"))
-    prior = _load_component(_build(PriorTransformer, prior_cfg), folder / "prior", DIFFUSERS_WEIGHTS,
-                            dtype=dtype, device=device)
-    text_encoder = _load_component(_build(build_clip_text, read_json(folder / "text_encoder" / "config.json")),
-                                   folder / "text_encoder", TRANSFORMERS_WEIGHTS, dtype=dtype, device=device,
-                                   ignore=_ignore_hf_extras)
-    image_encoder = _load_component(_build(build_clip_vision, read_json(folder / "image_encoder" / "config.json")),
-                                    folder / "image_encoder", TRANSFORMERS_WEIGHTS, dtype=dtype, device=device,
-                                    ignore=_ignore_hf_extras)
+    prior = _load_component(PriorTransformer, folder / "prior", DIFFUSERS_WEIGHTS, dtype=dtype, device=device,
+                            parse=PriorConfig.from_dict)
+    text_encoder = _load_component(build_clip_text, folder / "text_encoder", TRANSFORMERS_WEIGHTS, dtype=dtype,
+                                   device=device, ignore=_ignore_hf_extras)
+    image_encoder = _load_component(build_clip_vision, folder / "image_encoder", TRANSFORMERS_WEIGHTS, dtype=dtype,
+                                    device=device, ignore=_ignore_hf_extras)
     proc_path = folder / "image_processor" / "preprocessor_config.json"
     return PriorParts(
         prior=prior, text_encoder=text_encoder, image_encoder=image_encoder,
@@ -159,7 +179,8 @@ def load_prior(folder: str | Path, *, device: torch.device | str = "cpu",
 
 def _tokenizer(cls: Any, folder: Path) -> Any:
     if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+        why = why_missing(folder, "folder")
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}" if why.startswith("missing") else why)
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -14,11 +16,33 @@ from torch import nn
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".th")
 
 
+def why_missing(path: Path, what: str = "file") -> str:
+    """Why ``path`` cannot be opened as a ``what`` ("file" or "folder"): missing, a broken link, a link loop, or
+    the other kind of entry; for error messages."""
+    path = Path(path)
+    for link in (path, *path.parents):  # the entry itself, or a folder on its way
+        if not link.is_symlink():
+            continue
+        try:
+            link.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop this way
+            return f"{link} is a symbolic link loop"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"{link} is a symbolic link loop"
+            return f"{link} is a broken symbolic link (to {os.readlink(link)})"
+    if what == "file" and path.is_dir():
+        return f"{path} is a folder, expected a file"
+    if what == "folder" and path.exists() and not path.is_dir():
+        return f"{path} is a file, expected a folder"
+    return f"missing {what}: {path}"
+
+
 def read_json(path: Path) -> dict:
     """Load a JSON file, with an error that names the file when it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
+        raise FileNotFoundError(why_missing(path))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -29,7 +53,7 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
     """Load tensors from ``.safetensors`` (memory-mapped) or a pickle-based file (``weights_only`` only)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing weights file: {path}")
+        raise FileNotFoundError(why_missing(path, "weights file"))
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
@@ -69,7 +93,11 @@ def find_weights(folder: Path, stems: Iterable[str]) -> Path:
             candidate = folder / f"{stem}{suffix}"
             if candidate.is_file():
                 return candidate
+            if candidate.is_symlink() or candidate.is_dir():
+                raise FileNotFoundError(why_missing(candidate))
     names = ", ".join(f"{s}.safetensors / {s}.bin" for s in stems)
+    if not folder.is_dir():
+        raise FileNotFoundError(why_missing(folder, "folder"))
     raise FileNotFoundError(f"no weights in {folder} (looked for {names})")
 
 
