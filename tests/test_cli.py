@@ -15,7 +15,8 @@ import PIL.Image
 import PIL.ImageDraw
 import pytest
 
-from kandinsky import cli, metadata
+from kandinsky import cli, jobs, metadata
+from kandinsky.cli.options import split_weight
 
 SMALL = ["-W", "64", "-H", "64", "--steps", "3", "--prior-steps", "2"]
 
@@ -293,11 +294,11 @@ def test_model_info(capsys, models):
 
 
 def test_weight_parsing():
-    assert cli.split_weight("a red cat:0.3", "text") == ("a red cat", 0.3)
-    assert cli.split_weight("photo: a cat", "text") == ("photo: a cat", None)
-    assert cli.split_weight("ratio 16:9", "text") == ("ratio 16", 9.0)
-    assert cli.split_weight("C:\\img.png", "image") == ("C:\\img.png", None)
-    assert cli.split_weight("x.png:-0.5", "image") == ("x.png", -0.5)
+    assert split_weight("a red cat:0.3", "text") == ("a red cat", 0.3)
+    assert split_weight("photo: a cat", "text") == ("photo: a cat", None)
+    assert split_weight("ratio 16:9", "text") == ("ratio 16", 9.0)
+    assert split_weight("C:\\img.png", "image") == ("C:\\img.png", None)
+    assert split_weight("x.png:-0.5", "image") == ("x.png", -0.5)
 
 
 def test_convert_and_train_are_wired(capsys, models, tmp_path):
@@ -315,4 +316,4 @@ def test_convert_and_train_are_wired(capsys, models, tmp_path):
 def test_sampler_choices_follow_the_library():
     from kandinsky.diffusion.samplers import SAMPLERS
 
-    assert cli.SAMPLER_CHOICES == SAMPLERS
+    assert jobs.SAMPLER_CHOICES == SAMPLERS

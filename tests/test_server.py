@@ -29,6 +29,7 @@ httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
 
+from kandinsky.jobs import Job  # noqa: E402
 from kandinsky.server import Limits, ServerConfig, create_app  # noqa: E402
 
 FAST = {"steps": 2, "prior_steps": 1}  # the bundled model, as few steps as it takes
@@ -130,11 +131,11 @@ class GateEngine:
     def info(self) -> dict[str, Any]:
         return {"name": "gate", "modes": ["txt2img"]}
 
-    def plan(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return {"width": spec.get("width") or 8, "height": spec.get("height") or 8, "steps": self.steps,
+    def plan(self, job: Job) -> dict[str, Any]:
+        return {"width": job.width or 8, "height": job.height or 8, "steps": self.steps,
                 "prior_steps": 1, "units": self.steps}
 
-    def run(self, spec: dict[str, Any], report: Any) -> list[tuple[PIL.Image.Image, dict[str, Any]]]:
+    def run(self, job: Job, report: Any) -> list[tuple[PIL.Image.Image, dict[str, Any]]]:
         self.running.set()
         try:
             for i in range(self.steps):
@@ -143,7 +144,7 @@ class GateEngine:
                 report("decoder", i + 1, self.steps, None)
         finally:
             self.running.clear()
-        record = {"mode": spec["mode"], "prompt": spec.get("prompt"), "seed": spec["seed"], "width": 8, "height": 8}
+        record = {"mode": job.mode, "prompt": job.prompt, "seed": job.seed, "width": 8, "height": 8}
         return [(PIL.Image.new("RGB", (8, 8), (200, 30, 30)), record)]
 
     def preview(self, mode: str, latents: Any, width: int, height: int, fraction: float = 1.0) -> None:
@@ -562,6 +563,19 @@ def test_serve_cli_options() -> None:
     assert (config.host, config.port, config.queue_size, config.api_key) == ("127.0.0.1", 9001, 3, "k")
     assert config.limits.max_steps == 12 and config.limits.max_pixels == Limits().max_pixels
     assert cli.build_parser(["serve"]).parse_args(["serve"]).port == 7860
+
+
+def test_server_module_options() -> None:
+    """``python -m kandinsky.server`` parses the options of ``kandinsky serve`` without the command line package."""
+    from kandinsky.jobs import ModelChoice
+    from kandinsky.server import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--port", "9002", "--model", "dec", "--dtype", "fp16", "--max-images", "2"])
+    config = config_from_args(args)
+    assert config.port == 9002 and config.limits.max_images == 2
+    choice = ModelChoice.from_options(args)
+    assert (choice.model, choice.prior, choice.dtype, choice.bundled) == ("dec", None, "fp16", False)
+    assert ModelChoice.from_options(build_parser().parse_args([])).bundled
 
 
 def test_finished_jobs_are_forgotten_oldest_first() -> None:

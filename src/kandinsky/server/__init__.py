@@ -14,12 +14,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..jobs import ModelChoice, add_model_arguments
 from .config import Limits, ServerConfig, add_serve_arguments, config_from_args
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["Limits", "ServerConfig", "add_serve_arguments", "config_from_args", "create_app", "main"]
+__all__ = ["Limits", "ServerConfig", "add_serve_arguments", "build_parser", "config_from_args", "create_app", "main"]
 
 
 def create_app(config: ServerConfig | None = None, engine: Any = None) -> FastAPI:
@@ -38,13 +39,21 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m kandinsky.server`` (those of ``kandinsky serve``: the server's and the model's)."""
+    p = argparse.ArgumentParser(prog="python -m kandinsky.server",
+                                description="Run the HTTP server and web page (the same as `kandinsky serve`).")
+    add_serve_arguments(p)
+    add_model_arguments(p)
+    return p
+
+
 def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """Run the server until interrupted. ``argv``: the ``kandinsky serve`` options, or their parsed namespace."""
-    if not isinstance(argv, argparse.Namespace):
-        from .. import cli
-
-        return cli.main(["serve", *(sys.argv[1:] if argv is None else list(argv))])
-    args = argv
+    if isinstance(argv, argparse.Namespace):
+        args = argv
+    else:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     import uvicorn
 
     from .engine import PipelineEngine
@@ -53,7 +62,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     if not _loopback(config.host) and not config.api_key:
         print(f"kandinsky serve: warning: listening on {config.host} without an API key; anyone who can reach "
               "this machine can use it (pass --api-key)", file=sys.stderr)
-    app = create_app(config, PipelineEngine(args))
+    app = create_app(config, PipelineEngine(ModelChoice.from_options(args)))
     shown = f"[{config.host}]" if ":" in config.host else config.host
     print(f"kandinsky serve: http://{shown}:{config.port}/  (API docs at /docs; Ctrl+C to stop)", file=sys.stderr)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,

@@ -20,9 +20,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, metadata
+from ..jobs import Job, new_seed
 from .config import ServerConfig
 from .images import FieldError, decode_image, decode_mask
-from .jobs import Job, Worker
+from .schemas import sampler_names
+from .worker import Task, Worker
 
 # A1111 name -> our samplers, best first (the first one this version has is used)
 SAMPLER_ALIASES = {"ddim": ("ddim",), "ddpm": ("ddpm",), "p sampler": ("p_sampler",),
@@ -63,8 +65,6 @@ def sampler_id(name: str | None) -> str | None:
     """Our sampler for an A1111 sampler name; None (the model's default) for the ones we do not have."""
     if not name:
         return None
-    from .schemas import sampler_names
-
     have = sampler_names()
     key = name.strip().lower()
     if key in have:
@@ -72,7 +72,8 @@ def sampler_id(name: str | None) -> str | None:
     return next((s for s in SAMPLER_ALIASES.get(key, ()) if s in have), None)
 
 
-def _spec(mode: str, req: A1111Txt2Img, config: ServerConfig) -> dict[str, Any]:
+def _job(mode: str, req: A1111Txt2Img, config: ServerConfig) -> Job:
+    """The job of an A1111 request: caps checked, uploads decoded; ``batch_size × n_iter`` seeds in a row."""
     limits = config.limits
     count = req.batch_size * req.n_iter
     if count > limits.max_images:
@@ -84,29 +85,25 @@ def _spec(mode: str, req: A1111Txt2Img, config: ServerConfig) -> dict[str, Any]:
     if width * height > limits.max_pixels:
         raise FieldError("width", f"{width}×{height} = {width * height} pixels is over the limit of "
                                   f"{limits.max_pixels}")
-    from .app import _new_seed
-
-    spec: dict[str, Any] = {"mode": mode, "prompt": req.prompt, "negative": req.negative_prompt or None,
-                            "width": width, "height": height, "steps": req.steps, "guidance": req.cfg_scale,
-                            "sampler": sampler_id(req.sampler_name or req.sampler_index),
-                            "seed": req.seed if req.seed >= 0 else _new_seed(), "num": count,
-                            "seed_per_image": True}
+    job = Job(mode=mode, prompt=req.prompt, negative=req.negative_prompt or None, width=width, height=height,
+              steps=req.steps, guidance=req.cfg_scale, sampler=sampler_id(req.sampler_name or req.sampler_index),
+              seed=req.seed if req.seed >= 0 else new_seed(), num=count, seed_per_image=True)
     if isinstance(req, A1111Img2Img):
-        spec["image"] = decode_image(req.init_images[0], "init_images[0]", limits)
+        job.image = decode_image(req.init_images[0], "init_images[0]", limits)
         if req.mask:
-            mask = decode_mask(req.mask, "mask", limits, spec["image"].size, resize=True)
+            mask = decode_mask(req.mask, "mask", limits, job.image.size, resize=True)
             if req.inpainting_mask_invert:
                 mask = mask.point(lambda v: 255 - v)
-            spec.update(mode="inpaint", mask=mask)
+            job.mode, job.mask = "inpaint", mask
         else:
             if req.denoising_strength <= 0:
                 raise FieldError("denoising_strength", "must be above 0 (0 would return the input unchanged)")
-            spec["strength"] = req.denoising_strength
-    return spec
+            job.strength = req.denoising_strength
+    return job.validate()
 
 
-def _info(job: Job, req: A1111Txt2Img) -> dict[str, Any]:
-    images = job.result or []
+def _info(task: Task, req: A1111Txt2Img) -> dict[str, Any]:
+    images = task.result or []
     records = [im["record"] for im in images]
     first = records[0] if records else {}
     seeds = [r.get("seed") for r in records]
@@ -120,11 +117,11 @@ def _info(job: Job, req: A1111Txt2Img) -> dict[str, Any]:
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": metadata.model_label(first), "sd_model_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": getattr(req, "denoising_strength", None) if job.mode == "img2img" else None,
-        "extra_generation_params": {"Mode": job.mode}, "index_of_first_image": 0,
+        "denoising_strength": getattr(req, "denoising_strength", None) if task.mode == "img2img" else None,
+        "extra_generation_params": {"Mode": task.mode}, "index_of_first_image": 0,
         "infotexts": [im["parameters"] for im in images], "styles": [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)), "clip_skip": 1,
-        "is_using_inpainting_conditioning": job.mode == "inpaint", "version": f"kandinsky {__version__}",
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.created)), "clip_skip": 1,
+        "is_using_inpainting_conditioning": task.mode == "inpaint", "version": f"kandinsky {__version__}",
     }
 
 
@@ -133,17 +130,17 @@ def add_a1111_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None
     submit = app.state.submit
 
     async def run(mode: str, req: A1111Txt2Img) -> Any:
-        job = await submit(mode, lambda: _spec(mode, req, config), kind="a1111")
-        await job.wait()
-        if job.state != "done":
-            return JSONResponse(status_code=job.status if job.status >= 400 else 500,
-                                content={"error": job.state, "detail": job.error or job.state,
-                                         "errors": job.error or ""})
-        images = [im["image"] for im in job.result or []] if req.send_images else []
+        task = await submit(lambda: _job(mode, req, config), kind="a1111")
+        await task.wait()
+        if task.state != "done":
+            return JSONResponse(status_code=task.status if task.status >= 400 else 500,
+                                content={"error": task.state, "detail": task.error or task.state,
+                                         "errors": task.error or ""})
+        images = [im["image"] for im in task.result or []] if req.send_images else []
         if isinstance(req, A1111Img2Img) and req.include_init_images:
             images += req.init_images
         return {"images": images, "parameters": req.model_dump(exclude={"init_images", "mask"}),
-                "info": json.dumps(_info(job, req))}
+                "info": json.dumps(_info(task, req))}
 
     @app.post("/sdapi/v1/txt2img", tags=["automatic1111"])
     async def txt2img(req: A1111Txt2Img) -> Any:
@@ -158,37 +155,35 @@ def add_a1111_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None
     @app.get("/sdapi/v1/progress", tags=["automatic1111"])
     async def progress(skip_current_image: bool = Query(False)) -> dict[str, Any]:
         """The running job's progress (0 to 1), ETA in seconds and latest preview."""
-        job = worker.current
+        task = worker.current
         queued = worker.queue_info()["pending"]
-        if job is None:
+        if task is None:
             return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
                     "state": {"skipped": False, "interrupted": False, "job": "", "job_count": queued,
                               "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
-        p = job.progress
+        p = task.progress
         fraction = float(p.get("fraction") or 0.0)
-        elapsed = time.time() - (job.started or job.created)
+        elapsed = time.time() - (task.started or task.created)
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         return {"progress": fraction, "eta_relative": round(eta, 3),
-                "current_image": None if skip_current_image else job.preview,
-                "textinfo": f"{job.mode}: {p.get('stage') or 'starting'} {p.get('done', 0)}/{p.get('total', 0)}",
-                "state": {"skipped": False, "interrupted": job.cancel_requested, "job": job.id,
+                "current_image": None if skip_current_image else task.preview,
+                "textinfo": f"{task.mode}: {p.get('stage') or 'starting'} {p.get('done', 0)}/{p.get('total', 0)}",
+                "state": {"skipped": False, "interrupted": task.cancel_requested, "job": task.id,
                           "job_count": queued + 1,
-                          "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+                          "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.created)),
                           "job_no": 0, "sampling_step": p.get("done", 0), "sampling_steps": p.get("total", 0)}}
 
     @app.post("/sdapi/v1/interrupt", tags=["automatic1111"])
     async def interrupt() -> dict[str, Any]:
         """Stop the running job at its next step."""
-        job = worker.current
-        if job is not None:
-            worker.cancel(job)
+        task = worker.current
+        if task is not None:
+            worker.cancel(task)
         return {}
 
     @app.get("/sdapi/v1/samplers", tags=["automatic1111"])
     async def samplers() -> list[dict[str, Any]]:
         """The samplers, with their A1111-style names."""
-        from .schemas import sampler_names
-
         return [{"name": metadata.SAMPLER_NAMES.get(key, key), "aliases": [key], "options": {}}
                 for key in sampler_names()]
 

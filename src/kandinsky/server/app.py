@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,10 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..jobs import Item, Job, JobError, mix_weights, new_seed
+from .a1111 import add_a1111_routes
 from .config import Limits, ServerConfig
 from .engine import Engine, PipelineEngine, round64
 from .images import FieldError, decode_image, decode_mask
-from .jobs import TERMINAL, Job, QueueFull, Worker, check_plan
 from .schemas import (
     GenerationResponse,
     Img2ImgRequest,
@@ -34,6 +34,7 @@ from .schemas import (
     VariationsRequest,
     sampler_names,
 )
+from .worker import TERMINAL, QueueFull, Task, Worker, check_plan
 
 STATIC = Path(__file__).parent / "static"
 PUBLIC_PATHS = ("/", "/index.html", "/healthz", "/favicon.ico")
@@ -128,12 +129,8 @@ def field_error_response(field: str, message: str) -> JSONResponse:
         "error": f"{field}: {message}"})
 
 
-def _new_seed() -> int:
-    return secrets.randbelow(2**32)
-
-
-def _decoder_spec(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
-    """The spec fields every mode shares, with the per-request caps checked."""
+def _decoder_fields(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
+    """The job fields every mode shares, with the per-request caps checked."""
     if req.num_images > limits.max_images:
         raise FieldError("num_images", f"{req.num_images} is over the limit of {limits.max_images} images per request")
     for key in ("steps", "prior_steps"):
@@ -143,43 +140,31 @@ def _decoder_spec(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
     if req.width is not None and req.height is not None and req.width * req.height > limits.max_pixels:
         raise FieldError("width", f"{req.width}×{req.height} = {req.width * req.height} pixels is over the limit "
                                   f"of {limits.max_pixels}")
-    spec: dict[str, Any] = {"mode": mode, "negative": req.negative_prompt, "width": req.width, "height": req.height,
-                            "steps": req.steps, "guidance": req.guidance_scale, "sampler": req.sampler,
-                            "seed": req.seed if req.seed is not None else _new_seed(), "num": req.num_images}
+    fields: dict[str, Any] = {"negative": req.negative_prompt, "width": req.width, "height": req.height,
+                              "steps": req.steps, "guidance": req.guidance_scale, "sampler": req.sampler,
+                              "seed": req.seed if req.seed is not None else new_seed(), "num": req.num_images}
     if hasattr(req, "prior_steps"):
-        spec.update(prior_steps=req.prior_steps, prior_guidance=req.prior_guidance_scale)
-    return spec
+        fields.update(prior_steps=req.prior_steps, prior_guidance=req.prior_guidance_scale)
+    return fields
 
 
-def build_spec(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
-    """A worker spec from a ``/v1`` request: caps checked, uploads decoded (sizes checked before decoding)."""
-    spec = _decoder_spec(mode, req, limits)
-    if mode in ("txt2img", "img2img", "inpaint", "variations", "mix"):
-        spec["prompt"] = req.prompt
+def build_job(mode: str, req: Any, limits: Limits) -> Job:
+    """The job of a ``/v1`` request: caps checked, uploads decoded (sizes checked before decoding), validated."""
+    job = Job(mode=mode, prompt=req.prompt, **_decoder_fields(mode, req, limits))
     if mode in ("img2img", "inpaint", "variations"):
-        spec["image"] = decode_image(req.image, "image", limits)
+        job.image = decode_image(req.image, "image", limits)
     if mode == "img2img":
-        spec["strength"] = req.strength
+        job.strength = req.strength
     if mode == "inpaint":
-        spec["mask"] = decode_mask(req.mask, "mask", limits, spec["image"].size)
+        job.mask = decode_mask(req.mask, "mask", limits, job.image.size)
     if mode == "mix":
         if len(req.items) > limits.max_items:
             raise FieldError("items", f"{len(req.items)} items is over the limit of {limits.max_items}")
-        weights = [it.weight for it in req.items]
-        if not req.raw_weights:
-            total = sum(weights)
-            if not total > 0:
-                raise FieldError("items", f"the weights sum to {total:g}; they are divided by their sum, so it must "
-                                          "be positive (or set raw_weights)")
-            weights = [w / total for w in weights]
-        items = []
-        for i, (it, w) in enumerate(zip(req.items, weights, strict=True)):
-            if it.text is not None:
-                items.append({"text": it.text, "weight": w})
-            else:
-                items.append({"image": decode_image(it.image, f"items[{i}].image", limits), "weight": w})
-        spec["items"] = items
-    return spec
+        weights = mix_weights([it.weight for it in req.items], req.raw_weights, hint="set raw_weights")
+        job.items = [Item(text=it.text, weight=w) if it.text is not None else
+                     Item(image=decode_image(it.image, f"items[{i}].image", limits), weight=w)
+                     for i, (it, w) in enumerate(zip(req.items, weights, strict=True))]
+    return job.validate()
 
 
 # ================================================================================================ the app
@@ -222,8 +207,8 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
             lines.append(f"{where}: {msg}")
         return JSONResponse(status_code=422, content={"detail": detail, "error": "; ".join(lines)})
 
-    @app.exception_handler(FieldError)
-    async def _field(request: Request, exc: FieldError) -> JSONResponse:
+    @app.exception_handler(JobError)  # FieldError included
+    async def _field(request: Request, exc: JobError) -> JSONResponse:
         return field_error_response(exc.field, exc.message)
 
     @app.exception_handler(QueueFull)
@@ -233,39 +218,36 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
 
     app.state.submit = _submitter(worker, config)
     _add_v1_routes(app, worker, config)
-    from .a1111 import add_a1111_routes
-
     add_a1111_routes(app, worker, config)
     _add_page(app)
     return app
 
 
 def _submitter(worker: Worker, config: ServerConfig) -> Callable[..., Any]:
-    async def submit(mode: str, make_spec: Callable[[], dict[str, Any]], kind: str = "v1") -> Job:
-        """Build the spec off the event loop (uploads are decoded there), check it against the model, queue it."""
-        spec = await run_in_threadpool(make_spec)
-        mode = spec.get("mode", mode)  # A1111 img2img with a mask is an inpainting job
+    async def submit(make_job: Callable[[], Job], kind: str = "v1") -> Task:
+        """Build the job off the event loop (uploads are decoded there), check it against the model, queue it."""
+        job = await run_in_threadpool(make_job)
         if worker.ready:
             pipe = getattr(worker.engine, "pipe", None)
-            if mode == "inpaint" and pipe is not None and pipe.inpaint_model is None:
+            if job.mode == "inpaint" and pipe is not None and pipe.inpaint_model is None:
                 raise FieldError("mode", "this server has no inpainting model (start it with --inpaint DIR)")
-            check_plan(await run_in_threadpool(worker.engine.plan, spec), spec, config)
-        elif spec.get("image") is not None and spec.get("width") is None:
-            w, h = round64(spec["image"].width), round64(spec["image"].height)
+            check_plan(await run_in_threadpool(worker.engine.plan, job), job, config)
+        elif job.image is not None and job.width is None:
+            w, h = round64(job.image.width), round64(job.image.height)
             if w * h > config.limits.max_pixels:
                 raise FieldError("image", f"the output would be {w}×{h} = {w * h} pixels, over the limit of "
                                           f"{config.limits.max_pixels}; give width and height")
-        return worker.submit(mode, spec, kind)
+        return worker.submit(job, kind)
 
     return submit
 
 
-def job_result_response(job: Job) -> JSONResponse:
-    """The synchronous answer for a finished job: 200 with images, else its error status."""
-    if job.state == "done":
-        return JSONResponse(job.response())
-    return JSONResponse(status_code=job.status if job.status >= 400 else 500,
-                        content={"detail": job.error or job.state, "id": job.id, "state": job.state})
+def job_result_response(task: Task) -> JSONResponse:
+    """The synchronous answer for a finished task: 200 with images, else its error status."""
+    if task.state == "done":
+        return JSONResponse(task.response())
+    return JSONResponse(status_code=task.status if task.status >= 400 else 500,
+                        content={"detail": task.error or task.state, "id": task.id, "state": task.state})
 
 
 def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
@@ -279,13 +261,13 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
     }
 
     async def run(request_mode: str, req: Any, is_async: bool) -> Any:
-        job = await submit(request_mode, lambda: build_spec(request_mode, req, config.limits))
+        task = await submit(lambda: build_job(request_mode, req, config.limits))
         if is_async:
             return JSONResponse(status_code=202, content={
-                "id": job.id, "state": job.state, "queue_position": worker.position(job),
-                "url": f"/v1/jobs/{job.id}", "events": f"/v1/jobs/{job.id}/events"})
-        await job.wait()
-        return job_result_response(job)
+                "id": task.id, "state": task.state, "queue_position": worker.position(task),
+                "url": f"/v1/jobs/{task.id}", "events": f"/v1/jobs/{task.id}/events"})
+        await task.wait()
+        return job_result_response(task)
 
     async_q = Query(False, alias="async", description="answer at once with a job id instead of waiting")
 
@@ -314,29 +296,29 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
         """New images from one image's CLIP embedding."""
         return await run("variations", req, is_async)
 
-    def find(job_id: str) -> Job:
-        job = worker.get(job_id)
-        if job is None:
+    def find(job_id: str) -> Task:
+        task = worker.get(job_id)
+        if task is None:
             raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long ago)")
-        return job
+        return task
 
     @app.get("/v1/jobs", tags=["jobs"])
     async def list_jobs() -> dict[str, Any]:
         """Every job the server remembers, newest first, without results."""
-        jobs = sorted(worker.jobs.values(), key=lambda j: j.created, reverse=True)
-        return {"jobs": [j.summary(worker.position(j), result=False) for j in jobs]}
+        tasks = sorted(worker.jobs.values(), key=lambda t: t.created, reverse=True)
+        return {"jobs": [t.summary(worker.position(t), result=False) for t in tasks]}
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"])
     async def get_job(job_id: str) -> Any:
         """A job's state, progress (``fraction`` in [0, 1]), latest preview and, once done, its result."""
-        job = find(job_id)
-        return job.summary(worker.position(job))
+        task = find(job_id)
+        return task.summary(worker.position(task))
 
     async def cancel(job_id: str) -> Any:
-        job = find(job_id)
-        worker.cancel(job)
-        out = job.summary(worker.position(job), result=False)
-        out["cancel_requested"] = job.cancel_requested or job.state == "cancelled"
+        task = find(job_id)
+        worker.cancel(task)
+        out = task.summary(worker.position(task), result=False)
+        out["cancel_requested"] = task.cancel_requested or task.state == "cancelled"
         return out
 
     app.delete("/v1/jobs/{job_id}", tags=["jobs"], summary="Cancel a job")(cancel)
@@ -348,12 +330,12 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
                                              "(base64 PNG), then done (the result), failed or cancelled"}})
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Follow a job: every event from the start (or after ``Last-Event-ID``), until it finishes."""
-        job = find(job_id)
+        task = find(job_id)
         try:
             start = int(request.headers.get("last-event-id", "-1")) + 1
         except ValueError:
             start = 0
-        return StreamingResponse(_sse(job, start), media_type="text/event-stream",
+        return StreamingResponse(_sse(task, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/models", tags=["server"])
@@ -370,20 +352,20 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
                 "queue": worker.queue_info(), "counts": dict(worker.counts), "version": __version__}
 
 
-async def _sse(job: Job, start: int) -> AsyncIterator[str]:
+async def _sse(task: Task, start: int) -> AsyncIterator[str]:
     index = start
-    with job.watch() as w:
+    with task.watch() as w:
         while True:
-            events = job.events_since(index)
+            events = task.events_since(index)
             for seq, event, data in events:
                 yield f"id: {seq}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
                 index = seq + 1
                 if event in TERMINAL:
                     return
-            if not events and job.finished_state:  # resumed after the end
+            if not events and task.finished_state:  # resumed after the end
                 return
             await w.wait(15.0)
-            if not job.events_since(index):
+            if not task.events_since(index):
                 yield ": keep-alive\n\n"
 
 

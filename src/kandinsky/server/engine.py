@@ -1,14 +1,13 @@
 """The model side of the server: load a :class:`~kandinsky.Kandinsky21` once and run jobs on it.
 
-A job *spec* is a dict in the command line's record vocabulary (``mode prompt negative width height steps guidance
-sampler seed num prior_steps prior_guidance strength image mask items``) whose ``image``/``mask`` are PIL images
-and whose mix ``items`` are ``{"text": str}`` or ``{"image": PIL.Image}`` with a ``weight``. A spec with
-``"seed_per_image": True`` (the AUTOMATIC1111 routes) makes ``num`` separate images with seeds ``seed + i``.
+Jobs are :class:`kandinsky.jobs.Job` s whose ``image``/``mask`` (and mix item images) are uploaded PIL images,
+recorded as ``<upload>``; ``seed_per_image`` (the AUTOMATIC1111 routes) makes ``num`` separate images with seeds
+``seed + i``. Loading and running are :mod:`kandinsky.jobs`'; this module adds the progress dispatch, the plan
+(resolved sizes and expected steps, for limits and progress) and live previews.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import threading
 from collections.abc import Callable
@@ -16,6 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import PIL.Image
+
+from .. import jobs
+from ..jobs import Job, ModelChoice
 
 Report = Callable[..., None]  # report(stage, done, total, latents=None); may raise to cancel
 MODES = ("txt2img", "img2img", "inpaint", "mix", "variations")
@@ -28,9 +30,9 @@ class Engine(Protocol):
 
     def info(self) -> dict[str, Any]: ...
 
-    def plan(self, spec: dict[str, Any]) -> dict[str, Any]: ...
+    def plan(self, job: Job) -> dict[str, Any]: ...
 
-    def run(self, spec: dict[str, Any], report: Report) -> list[tuple[PIL.Image.Image, dict[str, Any]]]: ...
+    def run(self, job: Job, report: Report) -> list[tuple[PIL.Image.Image, dict[str, Any]]]: ...
 
     def preview(self, mode: str, latents: Any, width: int, height: int, fraction: float = 1.0
                 ) -> PIL.Image.Image | None: ...
@@ -55,12 +57,13 @@ def round64(v: int) -> int:
 
 
 class PipelineEngine:
-    """The real model: the CLI's model options (``--model/--prior/--inpaint/--original/--device/--dtype/--compat``)
-    name the folders; with none, the bundled model (with its inpainting decoder)."""
+    """The real model: ``choice`` names the folders (the ``--model/--prior/--inpaint/--original/--device/--dtype/
+    --compat`` options); by default the bundled model (with its inpainting decoder). Or an already loaded ``pipe``
+    with its record ``model`` notes."""
 
-    def __init__(self, args: argparse.Namespace | None = None, pipe: Any = None,
+    def __init__(self, choice: ModelChoice | None = None, pipe: Any = None,
                  model: dict[str, Any] | None = None) -> None:
-        self.args = args if args is not None else argparse.Namespace()
+        self.choice = choice if choice is not None else ModelChoice()
         self.pipe, self.model = pipe, dict(model or {})
         self._dispatch = _Dispatch()
         self._rgb: dict[str, Any] = {}
@@ -74,19 +77,15 @@ class PipelineEngine:
         """Load the model (once); the worker calls this in its own thread."""
         if self.pipe is not None:
             return
-        from .. import cli
-
-        args = self.args
-        choice = cli.model_choice(args)
-        bundled = not any(choice.get(k) for k in ("model", "prior", "inpaint", "original"))
-        want_inpaint = bool(choice.get("inpaint")) or (bundled and _bundled_inpaint()) or bool(choice.get("original"))
+        choice = self.choice
+        want_inpaint = bool(choice.inpaint) or (choice.bundled and jobs.bundled_inpaint()) or bool(choice.original)
         need = ("decoder", "prior", "inpaint") if want_inpaint else ("decoder", "prior")
         try:
-            pipe, model = cli.load_pipeline(args, need, choice)
+            pipe, model = jobs.load_pipeline(choice, need)
         except FileNotFoundError:
-            if not choice.get("original"):
+            if not choice.original:
                 raise
-            pipe, model = cli.load_pipeline(args, ("decoder", "prior"), choice)  # a release without inpainting
+            pipe, model = jobs.load_pipeline(choice, ("decoder", "prior"))  # a release without inpainting
         pipe.set_progress(self._dispatch)
         self.pipe, self.model = pipe, model
 
@@ -117,77 +116,39 @@ class PipelineEngine:
 
     # ------------------------------------------------------------------ planning
 
-    def plan(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def plan(self, job: Job) -> dict[str, Any]:
         """The resolved size and steps of a job, and its expected sampler steps in all (for progress)."""
         pipe = self.pipe
-        mode = spec["mode"]
-        a = pipe.resolve("decoder", width=spec.get("width"), height=spec.get("height"), steps=spec.get("steps"),
-                         guidance_scale=spec.get("guidance"), sampler=spec.get("sampler"),
-                         prior_steps=spec.get("prior_steps"), prior_guidance_scale=spec.get("prior_guidance"))
-        image = spec.get("image")
+        mode = job.mode
+        a = jobs.resolved(pipe, job)
+        image = job.image
         if mode in ("img2img", "inpaint") and image is not None:
-            a["width"] = spec.get("width") or round64(image.width)
-            a["height"] = spec.get("height") or round64(image.height)
+            a["width"] = job.width or round64(image.width)
+            a["height"] = job.height or round64(image.height)
         decoder_steps = a["steps"]
         if mode == "img2img":
-            strength = spec.get("strength")
+            strength = job.strength
             strength = (0.7 if pipe.original else 0.3) if strength is None else strength
             decoder_steps = max(1, int(a["steps"] * ((1 - strength) if pipe.original else strength)))
         prior_runs = {"txt2img": 1, "img2img": 1, "inpaint": 1, "variations": 0,
-                      "mix": sum("text" in it for it in spec.get("items") or []) + 1}[mode]
-        if pipe.original and spec.get("negative") and mode != "mix":
+                      "mix": len(job.texts) + 1}[mode]
+        if pipe.original and job.negative and mode != "mix":
             prior_runs += 1
-        runs = (spec.get("num") or 1) if spec.get("seed_per_image") else 1
+        runs = (job.num or 1) if job.seed_per_image else 1
         units = runs * (prior_runs * a["prior_steps"] + decoder_steps)
         return {"width": a["width"], "height": a["height"], "steps": a["steps"], "prior_steps": a["prior_steps"],
                 "units": units}
 
     # ------------------------------------------------------------------ running
 
-    def run(self, spec: dict[str, Any], report: Report) -> list[tuple[PIL.Image.Image, dict[str, Any]]]:
+    def run(self, job: Job, report: Report) -> list[tuple[PIL.Image.Image, dict[str, Any]]]:
         """Run one job; returns (image, metadata record) pairs. ``report`` gets every sampler step."""
-        from .. import cli
-
         with self._lock:
             self._dispatch.target = report
             try:
-                if spec.get("seed_per_image"):
-                    count, out = spec.get("num") or 1, []
-                    for k in range(count):
-                        one = {**spec, "num": 1, "seed": spec["seed"] + k}
-                        img = self._call(one)[0]
-                        out.append((img, cli.make_record(_record_job(one), img.info.get("kandinsky", {}),
-                                                         self.model)))
-                    return out
-                images = self._call(spec)
-                num = spec.get("num") or 1
-                return [(img, cli.make_record(_record_job(spec), img.info.get("kandinsky", {}), self.model,
-                                              num=num, index=i)) for i, img in enumerate(images)]
+                return list(jobs.run(self.pipe, job, model=self.model))
             finally:
                 self._dispatch.target = None
-
-    def _call(self, job: dict[str, Any]) -> list[PIL.Image.Image]:
-        pipe = self.pipe
-        mode = job["mode"]
-        kw: dict[str, Any] = dict(width=job.get("width"), height=job.get("height"), steps=job.get("steps"),
-                                  guidance_scale=job.get("guidance"), sampler=job.get("sampler"), seed=job["seed"],
-                                  num_images=job.get("num") or 1)
-        if mode != "variations":
-            kw.update(prior_steps=job.get("prior_steps"), prior_guidance_scale=job.get("prior_guidance"))
-        if mode == "txt2img":
-            return pipe.text_to_image(job["prompt"], job.get("negative"), **kw)
-        if mode == "img2img":
-            extra = {"strength": job["strength"]} if job.get("strength") is not None else {}
-            return pipe.img2img(job["image"], job["prompt"], job.get("negative"), **extra, **kw)
-        if mode == "inpaint":
-            return pipe.inpaint(job["image"], job["mask"], job["prompt"], job.get("negative"), **kw)
-        if mode == "mix":
-            items = [it["text"] if "text" in it else it["image"] for it in job["items"]]
-            weights = [float(it.get("weight", 1.0)) for it in job["items"]]
-            return pipe.mix(items, weights, job.get("prompt") or "", negative_prompt=job.get("negative") or "", **kw)
-        if mode == "variations":
-            return pipe.variations(job["image"], job.get("prompt") or "", negative_prompt=job.get("negative"), **kw)
-        raise ValueError(f"unknown mode {mode!r}")
 
     # ------------------------------------------------------------------ previews
 
@@ -239,22 +200,3 @@ def fit_latent_rgb(movq: Any, device: Any, dtype: Any, samples: int = 12) -> Any
     x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
     y = target.permute(0, 2, 3, 1).reshape(-1, 3)
     return torch.linalg.lstsq(x, y).solution
-
-
-def _bundled_inpaint() -> bool:
-    from ..pipeline import ASSETS
-
-    return (ASSETS / "inpaint").is_dir()
-
-
-def _record_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as the metadata record sees it: uploads are not files, so they are recorded as ``<upload>``."""
-    job = {k: v for k, v in spec.items() if k not in ("image", "mask", "items", "seed_per_image")}
-    if spec.get("image") is not None:
-        job["image"] = "<upload>"
-    if spec.get("mask") is not None:
-        job["mask"] = "<upload>"
-    if spec.get("items") is not None:
-        job["items"] = [{"text": it["text"], "weight": it.get("weight", 1.0)} if "text" in it
-                        else {"image": "<upload>", "weight": it.get("weight", 1.0)} for it in spec["items"]]
-    return job

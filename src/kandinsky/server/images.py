@@ -15,6 +15,7 @@ import PIL.ImageOps
 import PIL.PngImagePlugin
 
 from .. import metadata
+from ..jobs import JobError
 from .config import Limits
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -22,12 +23,13 @@ _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _SPACE = re.compile(rb"\s+")
 
 
-class FieldError(ValueError):
-    """A request field that cannot be used: answered 422 with the field's name and the reason."""
+class FieldError(JobError):
+    """A request field that cannot be used: answered 422 with the field's name and the reason (like any
+    :class:`~kandinsky.jobs.JobError`); ``str()`` is ``"field: message"``."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        super().__init__(field, message)
+        self.args = (f"{field}: {message}",)
 
 
 def decode_image(data: Any, field: str, limits: Limits) -> PIL.Image.Image:

@@ -1,9 +1,10 @@
-"""Jobs and the one model worker: a bounded queue, progress events with previews, cancellation.
+"""The one model worker: a bounded queue of tasks, progress events with previews, cancellation.
 
-One thread owns the model and runs one job at a time. Requests add jobs to a bounded queue (a full queue is
-refused with :class:`QueueFull`); each job keeps an append-only list of events (``queued``, ``started``,
+A :class:`Task` is one request's :class:`~kandinsky.jobs.Job` in the queue, with its state, events and result.
+One thread owns the model and runs one task at a time. Requests add tasks to a bounded queue (a full queue is
+refused with :class:`QueueFull`); each task keeps an append-only list of events (``queued``, ``started``,
 ``progress``, ``preview``, then one of ``done``/``failed``/``cancelled``) that the SSE stream replays and
-follows. Cancelling a queued job removes it; cancelling a running one stops it at its next sampler step.
+follows. Cancelling a queued task removes it; cancelling a running one stops it at its next sampler step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import metadata
+from ..jobs import Job
 from .config import ServerConfig
 from .engine import Engine
 from .images import FieldError, b64, png_bytes
@@ -40,14 +42,14 @@ class QueueFull(Exception):
 
 
 class JobCancelled(Exception):
-    """Raised from the progress callback to stop a running job."""
+    """Raised from the progress callback to stop a running task."""
 
 
 class Watch:
-    """An awaitable wake-up for one coroutine whenever a job changes (set from the worker thread)."""
+    """An awaitable wake-up for one coroutine whenever a task changes (set from the worker thread)."""
 
-    def __init__(self, job: Job) -> None:
-        self.job, self.loop, self.event = job, asyncio.get_running_loop(), asyncio.Event()
+    def __init__(self, task: Task) -> None:
+        self.task, self.loop, self.event = task, asyncio.get_running_loop(), asyncio.Event()
 
     def notify(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop may be closed at shutdown
@@ -60,12 +62,12 @@ class Watch:
         self.event.clear()
 
 
-class Job:
-    """One request's work: its spec, state, progress, events and result."""
+class Task:
+    """One request's work: its job, state, progress, events and result."""
 
-    def __init__(self, mode: str, spec: dict[str, Any], kind: str = "v1") -> None:
+    def __init__(self, job: Job, kind: str = "v1") -> None:
         self.id = secrets.token_hex(8)
-        self.mode, self.spec, self.kind = mode, spec, kind
+        self.mode, self.job, self.kind = job.mode, job, kind
         self.state = QUEUED
         self.created, self.started, self.finished = time.time(), None, None
         self.progress: dict[str, Any] = {"stage": None, "done": 0, "total": 0, "fraction": 0.0}
@@ -94,7 +96,7 @@ class Job:
             w.notify()
 
     def compact(self) -> None:
-        """Drop the images of all but the last preview event (a finished job is kept for a while)."""
+        """Drop the images of all but the last preview event (a finished task is kept for a while)."""
         with self._lock:
             previews = [i for i, (_, event, _) in enumerate(self.events) if event == "preview"]
             for i in previews[:-1]:
@@ -119,13 +121,13 @@ class Job:
                 self._watches.discard(w)
 
     async def wait(self, poll: float = 30.0) -> None:
-        """Wait until the job has finished (done, failed or cancelled)."""
+        """Wait until the task has finished (done, failed or cancelled)."""
         with self.watch() as w:
             while not self.finished_state:
                 await w.wait(poll)
 
     def summary(self, position: int | None = None, result: bool = True) -> dict[str, Any]:
-        """The job as ``GET /v1/jobs/{id}`` shows it."""
+        """The task as ``GET /v1/jobs/{id}`` shows it."""
         out: dict[str, Any] = {"id": self.id, "mode": self.mode, "state": self.state, "progress": dict(self.progress),
                                "queue_position": position, "created": self.created, "started": self.started,
                                "finished": self.finished, "error": self.error, "preview": self.preview}
@@ -134,21 +136,21 @@ class Job:
         return out
 
     def response(self) -> dict[str, Any]:
-        """The result of a finished job, as the synchronous routes answer it."""
+        """The result of a finished task, as the synchronous routes answer it."""
         images = self.result or []
-        return {"id": self.id, "mode": self.mode, "seed": images[0]["seed"] if images else self.spec.get("seed"),
+        return {"id": self.id, "mode": self.mode, "seed": images[0]["seed"] if images else self.job.seed,
                 "images": images,
                 "timings": {"queued_s": round((self.started or self.created) - self.created, 3),
                             "run_s": round((self.finished or time.time()) - (self.started or self.created), 3)}}
 
 
 class Progress:
-    """The progress callback of one running job: counts steps, throttles previews, raises on cancellation."""
+    """The progress callback of one running task: counts steps, throttles previews, raises on cancellation."""
 
     wants_latents = True
 
-    def __init__(self, job: Job, worker: Worker, plan: dict[str, Any]) -> None:
-        self.job, self.worker, self.plan = job, worker, plan
+    def __init__(self, task: Task, worker: Worker, plan: dict[str, Any]) -> None:
+        self.task, self.worker, self.plan = task, worker, plan
         self.base = 0  # steps of the finished sampling loops
         self.stage: str | None = None
         self.done = 0
@@ -156,12 +158,12 @@ class Progress:
         self.every = worker.config.preview_every
 
     def check(self) -> None:
-        """Raise :class:`JobCancelled` if the job was cancelled (for engines doing long work between steps)."""
-        if self.job.cancel_requested:
+        """Raise :class:`JobCancelled` if the task was cancelled (for engines doing long work between steps)."""
+        if self.task.cancel_requested:
             raise JobCancelled()
 
     def __call__(self, stage: str, done: int, total: int, latents: Any = None) -> None:
-        job = self.job
+        task = self.task
         self.check()
         if stage != self.stage or done <= self.done:  # a new sampling loop began
             self.base += self.done
@@ -169,19 +171,19 @@ class Progress:
         units = self.base + done
         expected = max(self.plan.get("units") or 1, units + (0 if done >= total else 1))
         self.fraction = max(self.fraction, min(0.99, units / expected))
-        job.progress = {"stage": stage, "done": done, "total": total, "fraction": round(self.fraction, 4)}
-        job.emit("progress", dict(job.progress))
+        task.progress = {"stage": stage, "done": done, "total": total, "fraction": round(self.fraction, 4)}
+        task.emit("progress", dict(task.progress))
         every = self.every or max(1, total // 10)
         if stage == "decoder" and latents is not None and done < total and done % every == 0:
             try:
-                img = self.worker.engine.preview(job.mode, latents, self.plan["width"], self.plan["height"],
+                img = self.worker.engine.preview(task.mode, latents, self.plan["width"], self.plan["height"],
                                                  fraction=done / total)
-            except Exception:  # noqa: BLE001 - a preview must never fail a job
+            except Exception:  # noqa: BLE001 - a preview must never fail a task
                 log.debug("preview failed", exc_info=True)
                 img = None
             if img is not None:
-                job.preview = b64(png_bytes(img))
-                job.emit("preview", {"stage": stage, "done": done, "total": total, "image": job.preview})
+                task.preview = b64(png_bytes(img))
+                task.emit("preview", {"stage": stage, "done": done, "total": total, "image": task.preview})
 
 
 class Worker:
@@ -190,15 +192,15 @@ class Worker:
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine, self.config = engine, config
         self.model_state, self.model_error = "loading", None
-        self.jobs: dict[str, Job] = {}
-        self.current: Job | None = None
+        self.jobs: dict[str, Task] = {}
+        self.current: Task | None = None
         self.counts = {"submitted": 0, "refused": 0, "done": 0, "failed": 0, "cancelled": 0}
-        self._pending: deque[Job] = deque()
+        self._pending: deque[Task] = deque()
         self._finished: deque[str] = deque()
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._mean_run = 5.0  # seconds, a running mean of job durations (for Retry-After)
+        self._mean_run = 5.0  # seconds, a running mean of task durations (for Retry-After)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -216,8 +218,8 @@ class Worker:
             if self.current is not None:
                 self.current.cancel_requested = True
             self._cond.notify_all()
-        for job in pending:
-            self._finish(job, CANCELLED, "cancelled", {"reason": "server shutting down"})
+        for task in pending:
+            self._finish(task, CANCELLED, "cancelled", {"reason": "server shutting down"})
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -228,8 +230,8 @@ class Worker:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, mode: str, spec: dict[str, Any], kind: str = "v1") -> Job:
-        """Queue a job, or raise :class:`QueueFull`."""
+    def submit(self, job: Job, kind: str = "v1") -> Task:
+        """Queue a job as a new task, or raise :class:`QueueFull`."""
         with self._cond:
             if self._stop:
                 raise QueueFull(self.config.queue_size, 5)
@@ -238,42 +240,42 @@ class Worker:
                 running = 1 if self.current is not None else 0
                 retry = max(1, math.ceil(self._mean_run * (len(self._pending) + running) / 2))
                 raise QueueFull(self.config.queue_size, retry)
-            job = Job(mode, spec, kind)
-            self.jobs[job.id] = job
-            self._pending.append(job)
+            task = Task(job, kind)
+            self.jobs[task.id] = task
+            self._pending.append(task)
             self.counts["submitted"] += 1
             position = len(self._pending)
             self._cond.notify_all()
-        job.emit("queued", {"position": position})
-        return job
+        task.emit("queued", {"position": position})
+        return task
 
-    def get(self, job_id: str) -> Job | None:
-        """A job by id (finished jobs are kept until ``keep_jobs`` newer ones have finished)."""
+    def get(self, job_id: str) -> Task | None:
+        """A task by id (finished tasks are kept until ``keep_jobs`` newer ones have finished)."""
         return self.jobs.get(job_id)
 
-    def position(self, job: Job) -> int | None:
-        """1 for the next job to run, None when not queued."""
+    def position(self, task: Task) -> int | None:
+        """1 for the next task to run, None when not queued."""
         with self._cond:
             for i, queued in enumerate(self._pending):
-                if queued is job:
+                if queued is task:
                     return i + 1
         return None
 
-    def cancel(self, job: Job) -> None:
-        """Cancel a queued job now, or a running one at its next step; finished jobs are left as they are."""
+    def cancel(self, task: Task) -> None:
+        """Cancel a queued task now, or a running one at its next step; finished tasks are left as they are."""
         with self._cond:
-            if job in self._pending:
-                self._pending.remove(job)
+            if task in self._pending:
+                self._pending.remove(task)
                 queued = True
             else:
                 queued = False
-                if job.state == RUNNING:
-                    job.cancel_requested = True
+                if task.state == RUNNING:
+                    task.cancel_requested = True
         if queued:
-            self._finish(job, CANCELLED, "cancelled", {"reason": "cancelled while queued"})
+            self._finish(task, CANCELLED, "cancelled", {"reason": "cancelled while queued"})
 
     def queue_info(self) -> dict[str, Any]:
-        """Queue length, capacity and the running job (for /healthz)."""
+        """Queue length, capacity and the running task (for /healthz)."""
         with self._cond:
             return {"pending": len(self._pending), "capacity": self.config.queue_size,
                     "running": self.current.id if self.current is not None else None}
@@ -300,7 +302,7 @@ class Worker:
             self.engine.load()
             self.model_state = "ready"
             log.info("model ready")
-        except Exception as exc:  # noqa: BLE001 - reported by /healthz and by every job
+        except Exception as exc:  # noqa: BLE001 - reported by /healthz and by every task
             self.model_state, self.model_error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("the model failed to load: %s", self.model_error)
         while True:
@@ -309,73 +311,73 @@ class Worker:
                     self._cond.wait()
                 if self._stop:
                     return
-                job = self._pending.popleft()
-                self.current = job
-                job.started = time.time()
-                job.emit("started", {}, state=RUNNING)
+                task = self._pending.popleft()
+                self.current = task
+                task.started = time.time()
+                task.emit("started", {}, state=RUNNING)
             try:
-                self._run(job)
+                self._run(task)
             finally:
                 with self._cond:
                     self.current = None
 
-    def _run(self, job: Job) -> None:
+    def _run(self, task: Task) -> None:
         if self.model_state != "ready":
-            job.status = 503
-            self._finish(job, FAILED, "failed", {"error": f"the model is not available: {self.model_error}",
+            task.status = 503
+            self._finish(task, FAILED, "failed", {"error": f"the model is not available: {self.model_error}",
                                                  "status": 503})
             return
         try:
-            plan = self.engine.plan(job.spec)
-            check_plan(plan, job.spec, self.config)
-            results = self.engine.run(job.spec, Progress(job, self, plan))
+            plan = self.engine.plan(task.job)
+            check_plan(plan, task.job, self.config)
+            results = self.engine.run(task.job, Progress(task, self, plan))
             images = []
             for i, (img, record) in enumerate(results):
                 images.append({"image": b64(png_bytes(img, record)), "seed": record.get("seed"),
                                "index": record.get("index", i), "width": img.width, "height": img.height,
                                "parameters": metadata.build_parameters(record), "record": record})
-            job.result = images
+            task.result = images
         except JobCancelled:
-            self._finish(job, CANCELLED, "cancelled", {"reason": "cancelled while running"})
+            self._finish(task, CANCELLED, "cancelled", {"reason": "cancelled while running"})
             return
         except ValueError as exc:  # bad input the pipeline found (FieldError included)
-            job.status = 422
-            self._finish(job, FAILED, "failed", {"error": str(exc), "status": 422})
+            task.status = 422
+            self._finish(task, FAILED, "failed", {"error": str(exc), "status": 422})
             return
-        except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            job.status = 500
-            self._finish(job, FAILED, "failed", {"error": f"{type(exc).__name__}: {exc}", "status": 500})
+        except Exception as exc:  # noqa: BLE001 - one task's crash must not stop the worker
+            log.error("task %s failed:\n%s", task.id, traceback.format_exc())
+            task.status = 500
+            self._finish(task, FAILED, "failed", {"error": f"{type(exc).__name__}: {exc}", "status": 500})
             return
-        self._mean_run = 0.7 * self._mean_run + 0.3 * (time.time() - (job.started or job.created))
-        job.progress = {**job.progress, "fraction": 1.0}
-        self._finish(job, DONE, "done", job.response())
+        self._mean_run = 0.7 * self._mean_run + 0.3 * (time.time() - (task.started or task.created))
+        task.progress = {**task.progress, "fraction": 1.0}
+        self._finish(task, DONE, "done", task.response())
 
-    def _finish(self, job: Job, state: str, event: str, data: dict[str, Any]) -> None:
-        job.finished = time.time()
+    def _finish(self, task: Task, state: str, event: str, data: dict[str, Any]) -> None:
+        task.finished = time.time()
         if state == FAILED:
-            job.error = data.get("error")
+            task.error = data.get("error")
         elif state == CANCELLED:
-            job.error = data.get("reason")
-            job.status = 409
-        job.spec = {"mode": job.mode, "seed": job.spec.get("seed")}  # drop the uploads
-        job.compact()
+            task.error = data.get("reason")
+            task.status = 409
+        task.job = task.job.replace(image=None, mask=None, items=None)  # drop the uploads
+        task.compact()
         with self._cond:
-            if self.current is job:  # before the event: whoever it wakes sees the worker idle
+            if self.current is task:  # before the event: whoever it wakes sees the worker idle
                 self.current = None
             self.counts[state] += 1
-            self._finished.append(job.id)
+            self._finished.append(task.id)
             while len(self._finished) > self.config.keep_jobs:
                 self.jobs.pop(self._finished.popleft(), None)
-        job.emit(event, data, state=state)
+        task.emit(event, data, state=state)
 
 
-def check_plan(plan: dict[str, Any], spec: dict[str, Any], config: ServerConfig) -> None:
+def check_plan(plan: dict[str, Any], job: Job, config: ServerConfig) -> None:
     """The limits on the resolved job (sizes from the model's defaults or the input image included)."""
     limits = config.limits
     w, h = plan["width"], plan["height"]
     if w * h > limits.max_pixels:
-        field = "width" if spec.get("width") else "image" if spec.get("image") is not None else "width"
+        field = "width" if job.width else "image" if job.image is not None else "width"
         raise FieldError(field, f"{w}×{h} = {w * h} pixels is over the limit of {limits.max_pixels}")
     for key in ("steps", "prior_steps"):
         if plan.get(key) and plan[key] > limits.max_steps:

@@ -1,0 +1,67 @@
+"""What every part of the command line shares: the program name, exit codes, the usage error and console output
+(notes and progress on stderr, results on stdout, ``--json`` objects)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+PROG = "kandinsky"
+EXIT_ERROR, EXIT_CRASH = 2, 1
+
+
+class CLIError(Exception):
+    """A usage or input error: printed as one line, exit status 2."""
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars: unless ``--quiet``, and only on a terminal."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def write(message: str, file: Any) -> None:
+    """A line that does not break a progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=file)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(message, file=file)
+
+
+def note(args: argparse.Namespace, message: str) -> None:
+    """A ``kandinsky: ...`` note on stderr (not with ``--quiet``)."""
+    if not getattr(args, "quiet", False):
+        write(f"{PROG}: {message}", sys.stderr)
+
+
+def emit(args: argparse.Namespace, message: str) -> None:
+    """A result line on stdout (not with --json, where the JSON object is the result)."""
+    if not args.json:
+        write(message, sys.stdout)
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    """The ``--json`` result object."""
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+
+
+def bar(args: argparse.Namespace, total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar on stderr (disabled when progress is not shown)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not show_progress(args), dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of text."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing {text}"
+    return " ".join(text.split())
