@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
@@ -17,21 +18,67 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageInput = PIL.Image.Image | str | os.PathLike
 
 
-def open_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
-    """A PIL image from a PIL image or a file path, with a clear error for anything else."""
+MAX_PIXELS = 1 << 27  # 134 M pixels (e.g. 11585 x 11585): larger files are refused before decoding
+
+
+def open_image(image: ImageInput, what: str = "image", max_pixels: int = MAX_PIXELS) -> PIL.Image.Image:
+    """A PIL image from a PIL image or a file path, normalised by :func:`normalize_image`, with a clear error
+    for anything else.
+
+    Files are checked before their pixels are decoded: unreadable, truncated, and over ``max_pixels`` pixels
+    (a decompression bomb: a small file whose header claims a huge image) raise ValueError naming the file.
+    """
     if isinstance(image, PIL.Image.Image):
-        return image
+        return normalize_image(image, what)
     if isinstance(image, str | os.PathLike):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"{what} file not found: {path}")
         try:
             with PIL.Image.open(path) as img:
+                w, h = img.size
+                if w < 1 or h < 1 or w * h > max_pixels:
+                    raise ValueError(f"{what} {path} is {w}×{h} = {w * h} pixels, over the limit of {max_pixels}")
                 img.load()
-                return img
-        except (PIL.UnidentifiedImageError, OSError) as exc:
+                return normalize_image(img, what)
+        except PIL.Image.DecompressionBombError as exc:
+            raise ValueError(f"{what} {path} is too large to decode safely ({exc})") from None
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, EOFError) as exc:
             raise ValueError(f"cannot read {what} {path}: {exc}") from exc
     raise ValueError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
+
+
+def normalize_image(img: PIL.Image.Image, what: str = "image") -> PIL.Image.Image:
+    """The picture a person sees in ``img``, in a mode the models read: the first frame of an animation, EXIF
+    orientation applied, 16-bit and float pixels scaled to 8 bits, CMYK/YCbCr/palette to RGB.
+
+    Transparency: an image (``what`` != "mask") is composited over white; for a mask (white = repaint) a
+    transparent pixel is "keep" (black), and the result is an ``L`` image. An RGB (or L, for masks) image
+    without EXIF rotation is returned as it is.
+    """
+    if getattr(img, "is_animated", False) and img.tell() != 0:
+        img.seek(0)
+    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+    if orientation not in (None, 1):
+        img = PIL.ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode != "F" and arr.max(initial=0) > 255:  # 16-bit samples
+            arr = arr / 257.0
+        img = PIL.Image.fromarray(np.clip(arr.round(), 0, 255).astype(np.uint8))
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    if what == "mask":
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            mask = PIL.Image.new("L", img.size, 0)
+            mask.paste(rgba.convert("L"), mask=rgba.getchannel("A"))  # transparent pixels = keep
+            return mask
+        return img if img.mode == "L" else img.convert("L")
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = PIL.Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def clip_preprocess(images: list[PIL.Image.Image], config: dict[str, Any] | None = None) -> torch.Tensor:

@@ -689,7 +689,7 @@ class Kandinsky21:
         Needs the inpainting model."""
         parts = self._need("inpaint")
         src = imaging.open_image(image, "image")
-        if isinstance(mask, str | Path):
+        if isinstance(mask, str | Path | PIL.Image.Image):
             mask = imaging.open_image(mask, "mask")
         if isinstance(mask, PIL.Image.Image) and mask.size != src.size:
             raise ValueError(f"mask is {mask.width}×{mask.height} but the image is {src.width}×{src.height}; "
