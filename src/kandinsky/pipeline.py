@@ -34,6 +34,7 @@ from .models import fastpath
 from .models.common import page_out
 from .models.text_encoders import clip_image_embeds, clip_text_features
 from .models.unet import DeepCache
+from .weights import hub
 from .weights.diffusers_format import DecoderParts, PriorParts, load_decoder, load_prior, resolve_dtype
 
 ASSETS = Path(__file__).parent / "assets"
@@ -147,7 +148,9 @@ class Kandinsky21:
                         dtype: str | torch.dtype | None = None, *, original: str | Path | None = None,
                         compat: str = "diffusers", low_memory: bool = False, compile: bool = False,
                         tile_decode: bool | None = None, **original_files: Any) -> Kandinsky21:
-        """Load diffusers-format folders; with no folder at all, the bundled model.
+        """Load diffusers-format folders or Hugging Face Hub ids (``"kandinsky-community/kandinsky-2-1[@rev]"``,
+        or the shortcuts ``"kandinsky-2-1"``, ``"kandinsky-2-1-prior"``, ``"kandinsky-2-1-inpaint"``; see
+        :mod:`kandinsky.weights.hub`); with no folder at all, the bundled model.
 
         ``original=DIR`` loads the ai-forever release files instead (see
         :func:`kandinsky.weights.original_format.load_original`; single files may be given as keywords such as
@@ -173,6 +176,7 @@ class Kandinsky21:
             dec, pri, inp = load_original(original, device=dev, dtype=dt, **original_files)
             return cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt, compat=compat, **speed)
         dt = resolve_dtype(dtype if dtype is not None else "float32")
+        decoder, prior, inpaint = (hub.model_path(x) for x in (decoder, prior, inpaint))  # Hub ids -> snapshots
         if decoder is None and prior is None and inpaint is None:
             decoder, prior = ASSETS / "decoder", ASSETS / "prior"
             inpaint = ASSETS / "inpaint" if (ASSETS / "inpaint").is_dir() else None
