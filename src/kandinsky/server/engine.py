@@ -1,6 +1,6 @@
 """The model side of the server: load a :class:`~kandinsky.Kandinsky21` once and run jobs on it.
 
-Jobs are :class:`kandinsky.jobs.Job` s whose ``image``/``mask`` (and mix item images) are uploaded PIL images,
+Jobs are :class:`kandinsky.jobs.Job` objects whose ``image``/``mask`` (and mix item images) are uploaded PIL images,
 recorded as ``<upload>``; ``seed_per_image`` (the AUTOMATIC1111 routes) makes ``num`` separate images with seeds
 ``seed + i``. Loading and running are :mod:`kandinsky.jobs`'; this module adds the progress dispatch, the plan
 (resolved sizes and expected steps, for limits and progress) and live previews.
