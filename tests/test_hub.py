@@ -124,3 +124,33 @@ def test_what_counts_as_a_hub_id(tmp_path):
     assert hub.parse(str(tmp_path)) is None  # an existing folder is a folder
     for not_id in ("", "a/b/c", "../x", "/abs/path", "./rel", "name", "own er/x"):
         assert hub.parse(not_id) is None, not_id
+
+
+def test_cli_download_and_model_options_offline(hf_cache, tmp_path):
+    """`kandinsky download` prints the cached folders offline; `--model ID` generates and records the id, and
+    `--from` reproduces the image from that record."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "kandinsky", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    proc = cli("download", "decoder")
+    assert proc.returncode == 0, proc.stderr
+    assert "snapshots" in proc.stdout
+    proc = cli("download", "inpaint")
+    assert proc.returncode == 2 and "not in the Hugging Face cache" in proc.stderr
+    out = tmp_path / "a.png"
+    proc = cli("generate", "a red circle", "--model", "kandinsky-2-1", "--seed", "3", "--steps", "2",
+               "--prior-steps", "2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    from kandinsky import metadata
+
+    assert metadata.read_metadata(out)["record"]["model"] == "kandinsky-2-1"
+    again = tmp_path / "b.png"
+    proc = cli("generate", "--from", str(out), "-o", str(again))
+    assert proc.returncode == 0, proc.stderr
+    import numpy as np
+    import PIL.Image
+
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(PIL.Image.open(again)))

@@ -134,3 +134,12 @@ def test_emulated_cpu_has_no_bfloat16_kernels_and_the_pipeline_warns(fresh_fastp
 
     with pytest.warns(RuntimeWarning, match="no native support on this CPU"):
         Kandinsky21(prior=object(), dtype=torch.bfloat16)
+
+
+def test_cli_info_system_prints_the_report():
+    proc = subprocess.run([sys.executable, "-m", "kandinsky", "info", "--system", "--json"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, fastpath.ENV: "0"})
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["fast_paths"].startswith("off") and info["cpu"]
+    assert info["env"][fastpath.ENV] == "0"

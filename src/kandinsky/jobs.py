@@ -598,6 +598,11 @@ def load_pipeline(choice: ModelChoice, need: Sequence[str]) -> Loaded:
             continue
         given = getattr(choice, key)
         folder = Path(given) if given else _bundled(role)
+        from .weights import hub
+
+        if given and hub.is_hub_id(str(given)):  # a Hub id: the cached (or downloaded) snapshot; the id is recorded
+            folders[role], noted[key] = hub.resolve(str(given)), str(given)
+            continue
         if given and not folder.is_dir():
             raise FileNotFoundError(f"{role} model folder not found: {folder}")
         folders[role] = folder

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from ..jobs import Unavailable
 from . import parser as _parser
-from .commands import cmd_convert, cmd_images, cmd_info, cmd_serve
+from .commands import cmd_convert, cmd_download, cmd_images, cmd_info, cmd_serve
 from .common import EXIT_CRASH, EXIT_ERROR, PROG, CLIError, one_line, print_json
 from .morph import cmd_morph
 
@@ -32,6 +32,7 @@ __all__ = ["CLIError", "HANDLERS", "build_parser", "main"]
 HANDLERS: dict[str, _parser.Handler] = {
     "generate": cmd_images, "mix": cmd_images, "img2img": cmd_images, "inpaint": cmd_images,
     "variations": cmd_images, "morph": cmd_morph, "convert": cmd_convert, "info": cmd_info, "serve": cmd_serve,
+    "download": cmd_download,
 }
 
 

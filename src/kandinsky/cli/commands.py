@@ -79,7 +79,15 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """An image's parameters (A1111 text) or a model folder's components."""
+    """An image's parameters (A1111 text), a model folder's components, or (``--system``) the machine."""
+    if getattr(args, "system", False):
+        from .. import system
+
+        if args.path is not None:
+            raise CLIError("--system takes no PATH")
+        report = system.report()
+        print_json(report) if args.json else print(system.format_report(report))
+        return 0
     if args.path is None:
         from ..pipeline import ASSETS
 
@@ -136,3 +144,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if serve is None:
         raise CLIError("kandinsky serve: kandinsky.server has no main() entry point")
     return int(serve(args) or 0)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Fetch the official repositories into the Hugging Face cache and print where they are."""
+    from ..weights import hub
+
+    roles = ("decoder", "prior", "inpaint") if args.what == "all" else (args.what,)
+    where: dict[str, str] = {}
+    for role in roles:
+        spec = hub.REPOS[role] + (f"@{args.revision}" if args.revision else "")
+        note(args, f"{role}: {spec}")
+        where[role] = str(hub.resolve(spec, progress=show_progress(args), refresh=True))
+        if not args.json:
+            print(f"{role}: {where[role]}")
+    if args.json:
+        print_json({"ok": True, "command": "download", "folders": where})
+    return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jobs import MODE_KEYS, ModelChoice, mix_weights
+from ..weights import hub
 from .common import CLIError, note
 
 
@@ -77,7 +78,7 @@ def model_choice(args: argparse.Namespace, record: dict[str, Any] | None = None)
             path = record.get(key)
             if getattr(choice, key) or not path:
                 continue
-            if Path(path).exists():
+            if Path(path).exists() or hub.is_hub_id(str(path)):  # a folder, or a Hub id (resolved when loading)
                 setattr(choice, key, path)
             else:
                 note(args, f"the recorded {key} folder {path} is missing; using the default")

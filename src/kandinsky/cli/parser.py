@@ -226,6 +226,14 @@ def build_parser(handlers: Mapping[str, Handler], argv: Sequence[str] = ()) -> P
 
     p = command("info", "print an image's generation parameters, or a model folder's components")
     p.add_argument("path", nargs="?", metavar="PATH", help="an image, or a model folder (default: the bundled model)")
+    p.add_argument("--system", action="store_true",
+                   help="print this machine's CPU, torch build and which fast paths are used (for bug reports)")
+    output_flags(p)
+
+    p = command("download", "fetch the published diffusers-format weights from the Hugging Face Hub into its cache")
+    p.add_argument("what", nargs="?", choices=("all", "decoder", "prior", "inpaint"), default="all",
+                   help="which repositories (default: all three)")
+    p.add_argument("--revision", metavar="R", help="a branch, tag or commit (default: main)")
     output_flags(p)
 
     p = command("serve", "run the HTTP server and web page (the /v1 API, A1111's /sdapi/v1 subset, a page at /)")

@@ -27,7 +27,7 @@ WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 SMALL_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies, sentencepiece models
 
 
-class HubError(Exception):
+class HubError(OSError):
     """A Hub id that cannot be resolved: not cached while offline, huggingface_hub missing, no such repo."""
 
 
@@ -130,8 +130,9 @@ def resolve(spec: str, *, revision: str | None = None, progress: bool = True, re
                        f"local folder named {spec!r}") from None
     except hub.errors.RevisionNotFoundError:
         raise HubError(f"{repo_id} has no revision {rev!r}") from None
-    except (hub.errors.HfHubHTTPError, OSError, ValueError) as exc:
-        raise HubError(f"cannot download {repo_id}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - network errors come from several libraries (httpx, requests, ...)
+        raise HubError(f"cannot download {repo_id} from the Hugging Face Hub ({type(exc).__name__}: {exc}); "
+                       "with the files in the cache, HF_HUB_OFFLINE=1 uses them without the network") from None
 
 
 def model_path(spec: str | os.PathLike | None, progress: bool = True) -> Path | None:
