@@ -6,10 +6,11 @@ gives the same image here and in diffusers (CPU, fp32).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,8 @@ class Kandinsky21:
         self.compat = compat
         self.progress: Progress = None
         self._zero_embed: torch.Tensor | None = None
+        self._adapters: dict[int, Any] = {}  # LoRA adapters per UNet (kandinsky.adapters)
+        self._loras_used: list[tuple[str, float]] = []
         self.low_memory = bool(low_memory)
         self.tile_decode = tile_decode
         for parts in (decoder, inpaint):
@@ -147,7 +150,8 @@ class Kandinsky21:
                         inpaint: str | Path | None = None, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None, *, original: str | Path | None = None,
                         compat: str = "diffusers", low_memory: bool = False, compile: bool = False,
-                        tile_decode: bool | None = None, **original_files: Any) -> Kandinsky21:
+                        tile_decode: bool | None = None, loras: Sequence[tuple[Any, float]] | None = None,
+                        **original_files: Any) -> Kandinsky21:
         """Load diffusers-format folders or Hugging Face Hub ids (``"kandinsky-community/kandinsky-2-1[@rev]"``,
         or the shortcuts ``"kandinsky-2-1"``, ``"kandinsky-2-1-prior"``, ``"kandinsky-2-1-inpaint"``; see
         :mod:`kandinsky.weights.hub`); with no folder at all, the bundled model.
@@ -156,7 +160,8 @@ class Kandinsky21:
         :func:`kandinsky.weights.original_format.load_original`; single files may be given as keywords such as
         ``clip=``, ``movq=``, ``clip_tokenizer=``). ``dtype`` None means float32, except for the fp16 original
         files on CUDA, which stay fp16. ``compat="original"`` switches to the original repository's sampling
-        semantics (see the README's table).
+        semantics (see the README's table). ``loras`` [(path, scale), ...] become the adapters of every call
+        (:meth:`set_loras`).
 
         Speed and memory: weights are memory-mapped and built without initialisation either way.
         ``low_memory=True`` drops each model's resident pages once its part of a call is done (text encoders
@@ -174,7 +179,9 @@ class Kandinsky21:
 
             dt = auto_dtype(dev, dtype)
             dec, pri, inp = load_original(original, device=dev, dtype=dt, **original_files)
-            return cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt, compat=compat, **speed)
+            pipe = cls(decoder=dec, prior=pri, inpaint=inp, device=dev, dtype=dt, compat=compat, **speed)
+            pipe.set_loras(loras or [])
+            return pipe
         dt = resolve_dtype(dtype if dtype is not None else "float32")
         decoder, prior, inpaint = (hub.model_path(x) for x in (decoder, prior, inpaint))  # Hub ids -> snapshots
         if decoder is None and prior is None and inpaint is None:
@@ -185,12 +192,50 @@ class Kandinsky21:
                     f"no model given and no bundled model in {ASSETS}; pass decoder=DIR and prior=DIR "
                     "(diffusers-format kandinsky-2-1 and kandinsky-2-1-prior folders)"
                 )
-        return cls(
+        pipe = cls(
             decoder=load_decoder(decoder, device=dev, dtype=dt, inpaint=False) if decoder is not None else None,
             prior=load_prior(prior, device=dev, dtype=dt) if prior is not None else None,
             inpaint=load_decoder(inpaint, device=dev, dtype=dt, inpaint=True) if inpaint is not None else None,
             device=dev, dtype=dt, compat=compat, **speed,
         )
+        pipe.set_loras(loras or [])
+        return pipe
+
+    # ------------------------------------------------------------------ LoRA adapters
+
+    @contextlib.contextmanager
+    def loras(self, specs: Sequence[tuple[Any, float]]) -> Iterator[list[tuple[str, float]]]:
+        """Within the block, the LoRA adapters ``specs`` ((path or ``LoraWeights``, scale) pairs; a peft folder,
+        its ``adapter_model.safetensors`` or a diffusers ``pytorch_lora_weights.safetensors``) are active on the
+        decoder and inpainting UNets, unmerged; afterwards the previous adapters are back (the base weights are
+        never changed). Outputs record the adapters as ``info["loras"]``. Yields the (name, scale) pairs."""
+        from . import adapters
+
+        models = [p.unet for p in (self.decoder, self.inpaint_model) if p is not None]
+        if not specs:
+            yield []
+            return
+        if not models:
+            raise ValueError("LoRA adapters need a decoder or an inpainting model")
+        before = self._loras_used
+        with adapters.applied(models, specs, self._adapters) as used:
+            self._loras_used = [*before, *used]
+            try:
+                yield used
+            finally:
+                self._loras_used = before
+
+    def set_loras(self, specs: Sequence[tuple[Any, float]]) -> list[tuple[str, float]]:
+        """Make ``specs`` the adapters of every following call (``[]`` for none); see :meth:`loras`."""
+        if getattr(self, "_lora_stack", None) is not None:
+            self._lora_stack.close()
+            self._lora_stack = None
+        if not specs:
+            return []
+        stack = contextlib.ExitStack()
+        used = stack.enter_context(self.loras(specs))
+        self._lora_stack = stack
+        return used
 
     def _need(self, part: str) -> Any:
         value = {"decoder": self.decoder, "prior": self.prior, "inpaint": self.inpaint_model}[part]
@@ -793,6 +838,8 @@ class Kandinsky21:
         if self.original:  # the original crops the decoded image to the requested size
             pixels = pixels[..., : info["height"], : info["width"]]
         info["compat"] = self.compat
+        if self._loras_used:
+            info["loras"] = [[name, scale] for name, scale in self._loras_used]
         result = imaging.postprocess(pixels.float(), output)
         if output == "pil":
             for img in result:

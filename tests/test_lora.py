@@ -1,0 +1,166 @@
+"""LoRA adapters: diffusers-named files map onto our UNet (same output as diffusers with the same adapter in
+memory), peft's layout round-trips, scale 0 and switching adapters off leave the base bit-identical, adapters mix
+linearly, and files for another architecture are refused naming the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_unet import build_reference, inputs, ours_from, reference_out
+
+from kandinsky import Kandinsky21
+from kandinsky.adapters import Adapters, parse_spec
+from kandinsky.weights import lora as lora_files
+
+peft = pytest.importorskip("peft")
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+
+
+def _diffusers_adapter(ref, rank: int = 4, alpha: float = 4.0, targets=TARGETS, seed: int = 3):
+    torch.manual_seed(seed)
+    ref.add_adapter(peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    return peft.get_peft_model_state_dict(ref)
+
+
+def _as_diffusers_file(state: dict, path: Path, alphas: dict | None = None) -> Path:
+    """Write ``state`` as diffusers' Kandinsky LoRA training writes it: ``unet.`` keys, half of them in the old
+    ``.lora.down/.lora.up`` naming and half in peft's (a mixed file)."""
+    from safetensors.torch import save_file
+
+    out = {}
+    for i, (key, value) in enumerate(sorted(state.items())):
+        if (i // 2) % 2:  # the (A, B) pair of every other module in the old naming
+            key = key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+        out["unet." + key] = value.contiguous()
+    for module, alpha in (alphas or {}).items():
+        out[f"unet.{module}.alpha"] = torch.tensor(float(alpha))
+    save_file(out, str(path))
+    return path
+
+
+def _run(unet, cfg, seed=2):
+    image, pooled, hidden = inputs(cfg)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return unet(sample, 7, unet.prepare_condition(image, pooled, hidden))
+
+
+@pytest.mark.parametrize("alpha_tensors", [False, True])
+def test_diffusers_named_file_gives_diffusers_output(tmp_path, alpha_tensors):
+    ref = build_reference(seed=11)
+    ours = ours_from(ref)
+    cfg = ours.config
+    rank, alpha = 4, (8.0 if alpha_tensors else 4.0)
+    state = _diffusers_adapter(ref, rank=rank, alpha=alpha)
+    image, pooled, hidden = inputs(cfg)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference_out(ref, sample, 7, image, pooled, hidden)
+    modules = {k.rsplit(".lora_", 1)[0] for k in state}
+    path = _as_diffusers_file(state, tmp_path / "pytorch_lora_weights.safetensors",
+                              alphas={m: alpha for m in modules} if alpha_tensors else None)
+    lora = lora_files.read(path)
+    assert len(lora.targets) == len(modules) == len(state) // 2
+    adapters = Adapters(ours)
+    base = _run(ours, cfg)
+    adapters.add(lora, "x")
+    assert torch.equal(_run(ours, cfg), base)  # loaded but not active: the base, bit for bit
+    adapters.activate([("x", 1.0)])
+    got = _run(ours, cfg)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - base).abs().max().item() > 1e-2  # the adapter does something
+    adapters.activate([("x", 0.0)])
+    assert torch.equal(_run(ours, cfg), base)  # scale 0 = the base model exactly
+    adapters.activate([])
+    assert torch.equal(_run(ours, cfg), base)
+
+
+def test_two_adapters_mix_linearly_on_linear_layers():
+    ref = build_reference(seed=12)
+    ours = ours_from(ref)
+    layer_name = "mid_block.attentions.0.to_q"
+    state_a = _diffusers_adapter(build_reference(seed=12), seed=1)
+    state_b = _diffusers_adapter(build_reference(seed=12), seed=2)
+    adapters = Adapters(ours)
+    adapters.add(lora_files.from_state_dict(state_a, name="a"), "a")
+    adapters.add(lora_files.from_state_dict(state_b, name="b"), "b")
+    layer = dict(ours.named_modules())[layer_name]
+    x = torch.randn(3, layer.in_features)
+
+    def out(pairs):
+        adapters.activate(pairs)
+        with torch.inference_mode():
+            return layer(x).double()
+
+    base, da, db = out([]), out([("a", 1.0)]), out([("b", 1.0)])
+    mixed = out([("a", 0.7), ("b", -0.4)])
+    assert torch.allclose(mixed, base + 0.7 * (da - base) + -0.4 * (db - base), atol=1e-5)
+
+
+def test_peft_layout_round_trip_and_a_new_process(tmp_path):
+    pipe = Kandinsky21.from_pretrained()
+    unet = pipe.decoder.unet
+    torch.manual_seed(0)
+    modules = [n for n, m in unet.named_modules() if n.endswith(("to_q", "to_v"))][:4]
+    lw = lora_files.LoraWeights(
+        name="demo", a={m: torch.randn(2, dict(unet.named_modules())[m].in_features) * 0.3 for m in modules},
+        b={m: torch.randn(dict(unet.named_modules())[m].out_features, 2) * 0.3 for m in modules},
+        alpha={m: 2.0 for m in modules})
+    folder = lora_files.save(lw, tmp_path / "demo", base_model="bundled", trigger_words=["zq"])
+    assert {p.name for p in folder.iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    back = lora_files.read(folder)
+    assert back.name == "demo" and back.meta["trigger_words"] == ["zq"] and back.targets == sorted(modules)
+    assert all(torch.equal(back.a[m], lw.a[m].float()) and torch.equal(back.b[m], lw.b[m].float()) for m in modules)
+    kw = dict(width=64, height=64, steps=2, prior_steps=2, seed=5)
+    (base,) = pipe.text_to_image("a red circle", **kw)
+    with pipe.loras([(folder, 0.8)]) as used:
+        assert used == [("demo", 0.8)]
+        (adapted,) = pipe.text_to_image("a red circle", **kw)
+    (after,) = pipe.text_to_image("a red circle", **kw)
+    assert np.array_equal(np.asarray(base), np.asarray(after))  # nothing leaks into the next call
+    assert not np.array_equal(np.asarray(base), np.asarray(adapted))
+    assert adapted.info["kandinsky"]["loras"] == [["demo", 0.8]] and "loras" not in after.info["kandinsky"]
+    code = (f"import numpy as np; from kandinsky import Kandinsky21; p = Kandinsky21.from_pretrained(); "
+            f"p.set_loras([({str(folder)!r}, 0.8)]); im, = p.text_to_image('a red circle', **{kw!r}); "
+            f"np.save({str(tmp_path / 'x.npy')!r}, np.asarray(im))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "x.npy"), np.asarray(adapted))
+
+
+def test_files_for_another_architecture_are_refused(tmp_path):
+    ours = ours_from(build_reference(seed=13))
+    adapters = Adapters(ours)
+    bad_key = {"unet.down_blocks.9.attentions.0.to_q.lora_A.weight": torch.zeros(4, 64),
+               "unet.down_blocks.9.attentions.0.to_q.lora_B.weight": torch.zeros(64, 4)}
+    with pytest.raises(ValueError, match=r"down_blocks\.9\.attentions\.0\.to_q\.lora_A\.weight names a module"):
+        adapters.add(lora_files.from_state_dict(bad_key, name="x"), "x")
+    module = "mid_block.attentions.0.to_q"
+    width = dict(ours.named_modules())[module].in_features
+    wrong = {f"{module}.lora_A.weight": torch.zeros(4, width + 8), f"{module}.lora_B.weight": torch.zeros(width, 4)}
+    with pytest.raises(ValueError, match=rf"lora_A \(4, {width + 8}\).*needs \(4, {width}\)"):
+        adapters.add(lora_files.from_state_dict(wrong, name="y"), "y")
+    sd = {"text_model.encoder.layers.0.q_proj.weight": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="not LoRA weights of a UNet.*q_proj"):
+        lora_files.from_state_dict(sd, name="te")
+    assert not list(adapters.loaded) and not any("lora" in n for n, _ in ours.named_parameters())
+    (tmp_path / "x.bin").write_bytes(b"\x80\x02.")
+    with pytest.raises(ValueError, match="safetensors only"):
+        lora_files.read(tmp_path / "x.bin")
+
+
+def test_cli_spec():
+    assert parse_spec("style.safetensors:0.6") == ("style.safetensors", 0.6)
+    assert parse_spec("C:/x/style") == ("C:/x/style", 1.0)
+    assert parse_spec("a:b:-1.5e-1") == ("a:b", -0.15)
