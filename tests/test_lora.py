@@ -164,3 +164,75 @@ def test_cli_spec():
     assert parse_spec("style.safetensors:0.6") == ("style.safetensors", 0.6)
     assert parse_spec("C:/x/style") == ("C:/x/style", 1.0)
     assert parse_spec("a:b:-1.5e-1") == ("a:b", -0.15)
+
+
+@pytest.mark.parametrize("fmt", ["folder", "jsonl"])
+def test_lora_training_lowers_the_loss_resumes_and_loads(tmp_path, fmt):
+    """`finetune decoder --lora` on the bundled model: the loss falls, the base folder is untouched, the adapter
+    (peft layout) loads through the pipeline and changes its images, and a rerun resumes from the checkpoint."""
+    import json
+    import random
+
+    import PIL.Image
+
+    from kandinsky.pipeline import ASSETS
+    from kandinsky.train import shapes
+    from kandinsky.train.finetune import FinetuneOptions, finetune, fixed_loss
+
+    rng = random.Random(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i in range(6):
+        scene = shapes.random_scene(rng, two_objects=0.0)
+        PIL.Image.fromarray(shapes.render(scene, 64)).save(data / f"img{i}.png")
+        caption = "zq " + shapes.caption(scene, rng, "en")
+        (data / f"img{i}.txt").write_text(caption)
+        lines.append(json.dumps({"image": f"img{i}.png", "text": caption}))
+    (data / "data.jsonl").write_text("\n".join(lines) + "\n")
+    source = data if fmt == "folder" else data / "data.jsonl"
+    before_files = {p: p.stat().st_mtime_ns for p in (ASSETS / "decoder").rglob("*") if p.is_file()}
+    opts = FinetuneOptions(steps=12, batch_size=3, lr=5e-3, ema_decay=0.0, progress=False, save_every=6, lora=True,
+                           rank=4, targets="attn+conv", trigger_words=("zq",))
+    out = finetune("decoder", ASSETS / "decoder", source, tmp_path / "adapter", opts, prior=ASSETS / "prior")
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"adapter_model.safetensors",
+                                                                             "adapter_config.json"}
+    assert before_files == {p: p.stat().st_mtime_ns for p in (ASSETS / "decoder").rglob("*") if p.is_file()}
+    lw = lora_files.read(out)
+    assert lw.meta["trigger_words"] == ["zq"] and lw.meta["rank"] == 4
+    assert any(".conv1" in t for t in lw.targets) and any(t.endswith("to_q") for t in lw.targets)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    # the loss with the adapter applied is lower than the base model's
+    base_loss = fixed_loss("decoder", ASSETS / "decoder", source, prior=ASSETS / "prior")
+    pipe = Kandinsky21.from_pretrained()
+    kw = dict(width=64, height=64, steps=2, prior_steps=2, seed=1)
+    (base,) = pipe.text_to_image("zq a red circle", **kw)
+    with pipe.loras([(out, 1.0)]):
+        (adapted,) = pipe.text_to_image("zq a red circle", **kw)
+    assert not np.array_equal(np.asarray(base), np.asarray(adapted))
+    from kandinsky.train import finetune as ft
+
+    parts = pipe.decoder
+    with pipe.loras([(out, 1.0)]):
+        cached = ft.prepare_decoder_data(parts, pipe.prior, ft.read_pairs(source), 64, torch.device("cpu"))
+        gen, rnd = torch.Generator().manual_seed(1234), random.Random(1234)
+        idx = torch.arange(16) % 6
+        with torch.no_grad():
+            from kandinsky.diffusion.schedules import NoiseSchedule
+
+            adapted_loss = float(ft.decoder_loss(parts.unet, NoiseSchedule.from_config(parts.scheduler_config),
+                                                 cached, idx, gen, rnd, dropout=False)["loss"])
+    assert adapted_loss < base_loss, (base_loss, adapted_loss)
+    # a rerun with more steps continues from the checkpoint (step 12) instead of starting over
+    state = out / ".finetune" / "ckpt" / "state.json"
+    assert json.loads(state.read_text())["step"] == 12
+    more = FinetuneOptions(**{**opts.__dict__, "steps": 14, "save_every": 1})
+    calls = []
+    real_step = ft.decoder_loss
+    ft.decoder_loss = lambda *a, **k: (calls.append(1), real_step(*a, **k))[1]
+    try:
+        finetune("decoder", ASSETS / "decoder", source, tmp_path / "adapter", more, prior=ASSETS / "prior")
+    finally:
+        ft.decoder_loss = real_step
+    assert len(calls) == 2 and json.loads(state.read_text())["step"] == 14

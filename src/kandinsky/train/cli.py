@@ -36,10 +36,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("component", choices=("decoder", "prior"))
-    p.add_argument("--model", required=True, type=Path, help="diffusers-format folder to fine-tune")
+    p.add_argument("--model", type=Path, default=None,
+                   help="diffusers-format folder to fine-tune (default: the bundled model)")
     p.add_argument("--prior", type=Path, default=None,
                    help="prior folder whose CLIP image encoder embeds the images (decoder fine-tuning)")
-    p.add_argument("--data", required=True, type=Path, help="CSV with columns: image path, caption")
+    p.add_argument("data_pos", nargs="?", type=Path, metavar="DATA", help="the same as --data")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a folder of images with .txt captions beside them, a JSONL file ({image, text} per line) "
+                        "or a CSV (image path, caption)")
     p.add_argument("--out", required=True, type=Path, help="where to write the fine-tuned folder")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=4)
@@ -54,6 +58,15 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lora", action="store_true",
+                   help="train a LoRA adapter (peft) of the decoder instead of all weights; --out is the adapter "
+                        "folder")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", choices=("attn", "attn+conv", "all"), default="attn",
+                   help="layers the adapter changes (default: attention projections)")
+    p.add_argument("--trigger", action="append", default=[], metavar="WORD",
+                   help="trigger word(s) recorded in the adapter's metadata (repeatable)")
 
 
 def add_train_parsers(subparsers: Any) -> None:
@@ -104,9 +117,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     opts = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                            ema_decay=args.ema_decay, gradient_checkpointing=args.gradient_checkpointing,
                            mixed_precision=args.mixed_precision, device=args.device, seed=args.seed,
-                           save_every=args.save_every, progress=not args.no_progress)
-    out = finetune(args.component, args.model, args.data, args.out, opts, prior=args.prior)
-    print(f"fine-tuned {args.component} written to {out}")
+                           save_every=args.save_every, progress=not args.no_progress, lora=args.lora,
+                           rank=args.rank, alpha=args.alpha, targets=args.targets, trigger_words=tuple(args.trigger))
+    data = args.data or args.data_pos
+    if data is None:
+        raise ValueError("give the training data (DATA or --data)")
+    if args.data and args.data_pos:
+        raise ValueError("give the training data once (DATA or --data)")
+    from ..pipeline import ASSETS
+
+    model = args.model or ASSETS / args.component
+    prior = args.prior or (ASSETS / "prior" if args.component == "decoder" and args.model is None else None)
+    out = finetune(args.component, model, data, args.out, opts, prior=prior)
+    print(f"{'LoRA adapter' if args.lora else 'fine-tuned ' + args.component} written to {out}")
     return 0
 
 

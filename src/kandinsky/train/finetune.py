@@ -1,4 +1,4 @@
-"""Fine-tune a diffusers-format decoder (or inpaint) UNet or prior on image-caption pairs from a CSV.
+"""Fine-tune a diffusers-format decoder (or inpaint) UNet or prior on image-caption pairs, or train a LoRA adapter.
 
 The folder is loaded with the project's loader and the result is written as a copy of it with the trained
 component's weights replaced (safetensors, in the dtype the folder stored). The objectives are those of the
@@ -49,11 +49,65 @@ class FinetuneOptions:
     save_every: int = 100
     resolution: int | None = None  # decoder image size (default: the folder's recorded width, else 512)
     progress: bool = True
+    lora: bool = False  # train a LoRA adapter (peft) instead of all the weights; ``out`` is the adapter folder
+    rank: int = 8
+    alpha: float | None = None  # default: the rank (scale 1)
+    targets: str = "attn"  # attn | attn+conv | all (train.lora.target_modules)
+    trigger_words: tuple[str, ...] = ()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def read_pairs(path: Path) -> list[tuple[Path, str]]:
-    """(image path, caption) rows of a CSV; a header row is skipped, relative paths are from the CSV's folder."""
+    """(image path, caption) pairs from a folder of images each with a ``.txt`` caption beside it, a JSONL file
+    (``{"image" | "file_name": ..., "text" | "caption": ...}`` per line) or a CSV (image path, caption; a
+    header row is skipped). Relative paths are from the file's folder."""
     path = Path(path)
+    if path.is_dir():
+        rows = []
+        for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            caption = image.with_suffix(".txt")
+            if not caption.is_file():
+                raise FileNotFoundError(f"{image}: no caption file {caption.name} beside it")
+            rows.append((image, caption.read_text(encoding="utf-8").strip()))
+        if not rows:
+            raise ValueError(f"{path} has no images ({', '.join(IMAGE_SUFFIXES)}) with .txt captions")
+        return rows
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
+    return _read_csv(path)
+
+
+def _pair(path: Path, line: int, image: str, caption: str) -> tuple[Path, str]:
+    file = Path(image) if Path(image).is_absolute() else path.parent / image
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}:{line}: image not found: {file}")
+    return file, caption
+
+
+def _read_jsonl(path: Path) -> list[tuple[Path, str]]:
+    import json
+
+    rows = []
+    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i + 1}: not JSON ({exc.msg})") from None
+        image = item.get("image", item.get("file_name")) if isinstance(item, dict) else None
+        caption = item.get("text", item.get("caption")) if isinstance(item, dict) else None
+        if not isinstance(image, str) or not isinstance(caption, str):
+            raise ValueError(f"{path}:{i + 1}: expected {{\"image\": PATH, \"text\": CAPTION}}")
+        rows.append(_pair(path, i + 1, image, caption))
+    if not rows:
+        raise ValueError(f"{path} has no (image, caption) lines")
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[Path, str]]:
     rows = []
     with path.open(newline="", encoding="utf-8") as f:
         for i, row in enumerate(csv.reader(f)):
@@ -64,10 +118,7 @@ def read_pairs(path: Path) -> list[tuple[Path, str]]:
             image, caption = row[0].strip(), ",".join(row[1:]).strip()
             if i == 0 and image.lower() in ("image", "path", "file", "image_path", "filename"):
                 continue
-            file = Path(image) if Path(image).is_absolute() else path.parent / image
-            if not file.is_file():
-                raise FileNotFoundError(f"{path}:{i + 1}: image not found: {file}")
-            rows.append((file, caption))
+            rows.append(_pair(path, i + 1, image, caption))
     if not rows:
         raise ValueError(f"{path} has no (image, caption) rows")
     return rows
@@ -202,6 +253,8 @@ def finetune(component: str, model: Path | str, data: Path | str, out: Path | st
     opts = opts or FinetuneOptions()
     if component not in ("decoder", "prior"):
         raise ValueError(f"component must be 'decoder' or 'prior', got {component!r}")
+    if opts.lora and component != "decoder":
+        raise ValueError("LoRA fine-tuning adapts the decoder UNet (styles, subjects); use component 'decoder'")
     model, out = Path(model), Path(out)
     device = _resolve_device(opts.device)
     pairs = read_pairs(Path(data))
@@ -236,15 +289,21 @@ def finetune(component: str, model: Path | str, data: Path | str, out: Path | st
         def loss_fn(idx: torch.Tensor, gen: torch.Generator, rng: random.Random) -> dict[str, torch.Tensor]:
             return prior_loss(net, schedule, cached, idx, gen, rng)
 
-    net.requires_grad_(True)
-    if component == "prior":  # the CLIP statistics are data, not parameters to train
-        net.clip_mean.requires_grad_(False)
-        net.clip_std.requires_grad_(False)
+    if opts.lora:  # only the adapter's branches train; the base stays frozen
+        from . import lora as train_lora
+
+        key, trained = "lora", train_lora.inject(net, opts.rank, opts.alpha or opts.rank, opts.targets)
+    else:
+        key, trained = component, net
+        net.requires_grad_(True)
+        if component == "prior":  # the CLIP statistics are data, not parameters to train
+            net.clip_mean.requires_grad_(False)
+            net.clip_std.requires_grad_(False)
     n = len(pairs)
-    trainer = Trainer(f"finetune {component}", work, {component: net}, steps=opts.steps, lr=opts.lr,
-                      warmup=min(50, max(1, opts.steps // 10)), seed=opts.seed, optimizer=opts.optimizer,
-                      weight_decay=0.01 if opts.optimizer == "adamw" else 0.0,
-                      ema=(component,) if opts.ema_decay > 0 else (), ema_decay=opts.ema_decay or 0.999,
+    trainer = Trainer(f"finetune {component}{' (LoRA)' if opts.lora else ''}", work, {key: trained},
+                      steps=opts.steps, lr=opts.lr, warmup=min(50, max(1, opts.steps // 10)), seed=opts.seed,
+                      optimizer=opts.optimizer, weight_decay=0.01 if opts.optimizer == "adamw" else 0.0,
+                      ema=(key,) if opts.ema_decay > 0 else (), ema_decay=opts.ema_decay or 0.999,
                       ckpt_every=opts.save_every, progress=opts.progress, scaler=scaler)
 
     def step(i: int, gen: torch.Generator, rng: random.Random) -> dict[str, torch.Tensor]:
@@ -253,7 +312,14 @@ def finetune(component: str, model: Path | str, data: Path | str, out: Path | st
             return loss_fn(idx, gen, rng)
 
     trainer.run(step)
-    final = trainer.final_state(component)
+    final = trainer.final_state(key)
+    if opts.lora:
+        from ..weights import lora as lora_files
+
+        meta = {"steps": opts.steps, "targets_option": opts.targets, "images": n}
+        weights = train_lora.to_weights(final, opts.alpha or opts.rank, out.name, meta)
+        lora_files.save(weights, out, base_model=str(model), trigger_words=list(opts.trigger_words))
+        return out
     _write_folder(model, out, weights_dir, stem, final)
     return out
 
