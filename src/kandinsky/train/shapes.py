@@ -118,7 +118,7 @@ def make_scene(shape: str, color: str, background: str, size: str = "big", posit
 
 
 def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Polygon vertices of a square, triangle or star with half-extent ``r`` centred at (cx, cy)."""
+    """Polygon vertices of a square, triangle, star (or cross) with half-extent ``r`` centred at (cx, cy)."""
     if shape == "square":
         h = 0.85 * r
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
@@ -134,6 +134,11 @@ def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float
             a = -np.pi / 2 + k * np.pi / 5
             pts.append((cx + rad * np.cos(a), cy + dy + rad * np.sin(a)))
         return pts
+    if shape == "cross":  # a plus sign: not in SHAPES (the bundled model never saw one); the LoRA demo's concept
+        a = 0.38 * r
+        return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a),
+                (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a),
+                (cx - r, cy - a), (cx - a, cy - a)]
     raise ValueError(f"unknown polygon shape {shape!r}")
 
 
@@ -172,7 +177,7 @@ RU_COLOR = {
     "black": ("чёрный", "чёрная", "чёрное", "чёрном"),
 }
 RU_SHAPE = {"circle": ("круг", 0), "square": ("квадрат", 0), "triangle": ("треугольник", 0),
-            "star": ("звезда", 1), "ring": ("кольцо", 2)}
+            "star": ("звезда", 1), "ring": ("кольцо", 2), "cross": ("крест", 0)}
 RU_SIZE = {"small": ("маленький", "маленькая", "маленькое"), "big": ("большой", "большая", "большое")}
 EN_SIZE = {"small": ("small", "little", "tiny"), "big": ("big", "large")}
 EN_POS = {"center": "in the center", "left": "on the left", "right": "on the right", "top": "at the top",
