@@ -65,6 +65,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--targets", choices=("attn", "attn+conv", "all"), default="attn",
                    help="layers the adapter changes (default: attention projections)")
+    p.add_argument("--condition", choices=("image", "prior"), default="image",
+                   help="decoder image embedding while training: the training image's CLIP embedding (default), or "
+                        "the prior's sample for the caption (teaches words the prior does not know)")
     p.add_argument("--trigger", action="append", default=[], metavar="WORD",
                    help="trigger word(s) recorded in the adapter's metadata (repeatable)")
 
@@ -118,7 +121,8 @@ def run_finetune(args: argparse.Namespace) -> int:
                            ema_decay=args.ema_decay, gradient_checkpointing=args.gradient_checkpointing,
                            mixed_precision=args.mixed_precision, device=args.device, seed=args.seed,
                            save_every=args.save_every, progress=not args.no_progress, lora=args.lora,
-                           rank=args.rank, alpha=args.alpha, targets=args.targets, trigger_words=tuple(args.trigger))
+                           rank=args.rank, alpha=args.alpha, targets=args.targets, trigger_words=tuple(args.trigger),
+                           condition=args.condition)
     data = args.data or args.data_pos
     if data is None:
         raise ValueError("give the training data (DATA or --data)")

@@ -54,6 +54,9 @@ class FinetuneOptions:
     alpha: float | None = None  # default: the rank (scale 1)
     targets: str = "attn"  # attn | attn+conv | all (train.lora.target_modules)
     trigger_words: tuple[str, ...] = ()
+    # the decoder's image embedding: "image" (CLIP of the training image) or "prior" (the prior's sample for the
+    # caption, what text-to-image feeds the decoder: teaches a concept the prior does not know from the text)
+    condition: str = "image"
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -169,12 +172,24 @@ class DecoderData:
 
 @torch.no_grad()
 def prepare_decoder_data(parts: DecoderParts, prior: PriorParts, pairs: list[tuple[Path, str]], size: int,
-                         device: torch.device) -> DecoderData:
+                         device: torch.device, condition: str = "image", seed: int = 0) -> DecoderData:
     images = [imaging.open_image(p).convert("RGB") for p, _ in pairs]
     pixels = torch.cat([imaging.to_model_range(im, size, size) for im in images]).to(device)
     latents = torch.cat([parts.movq.encode(pixels[i: i + 8]) for i in range(0, len(pixels), 8)])
-    clip_px = imaging.clip_preprocess(images, prior.image_processor_config).to(device)
-    image = clip_image_embeds(prior.image_encoder, clip_px)
+    if condition == "prior":
+        from ..pipeline import Kandinsky21
+
+        sampler = Kandinsky21(prior=prior, device=device)
+        steps = int(prior.defaults.get("steps", 25))  # the prior folder's recommended settings
+        guidance = float(prior.defaults.get("guidance_scale", 4.0))
+        image = torch.cat([sampler.prior_embeds([c for _, c in pairs[i: i + 32]], steps=steps,
+                                                guidance_scale=guidance, seed=seed + i).image
+                           for i in range(0, len(pairs), 32)])
+    elif condition == "image":
+        clip_px = imaging.clip_preprocess(images, prior.image_processor_config).to(device)
+        image = clip_image_embeds(prior.image_encoder, clip_px)
+    else:
+        raise ValueError(f"condition must be 'image' or 'prior', got {condition!r}")
     s = prior.image_encoder.config.image_size
     zero = clip_image_embeds(prior.image_encoder, torch.zeros(1, 3, s, s, device=device))
     captions = [c for _, c in pairs] + [""]
@@ -268,7 +283,7 @@ def finetune(component: str, model: Path | str, data: Path | str, out: Path | st
         parts = load_decoder(model, device=device)
         prior_parts = load_prior(prior, device=device)
         size = opts.resolution or int(parts.defaults.get("width", 512))
-        cached = prepare_decoder_data(parts, prior_parts, pairs, size, device)
+        cached = prepare_decoder_data(parts, prior_parts, pairs, size, device, opts.condition, opts.seed)
         del prior_parts
         net: nn.Module = parts.unet
         net.gradient_checkpointing = opts.gradient_checkpointing
