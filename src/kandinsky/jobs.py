@@ -15,6 +15,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -59,6 +60,11 @@ INFO_KEYS = {"width": "width", "height": "height", "steps": "steps", "guidance_s
              "sampler": "sampler", "prior_steps": "prior_steps", "prior_guidance_scale": "prior_guidance",
              "strength": "strength", "seed": "seed"}
 UPLOAD = "<upload>"  # how a record names an input image that is not a file (an HTTP upload)
+# sanity ceilings of Job.validate (front ends may set lower ones, as the server does)
+MAX_SIDE = 16384  # width, height: pixels a side
+MAX_STEPS = 1000  # steps, prior_steps: the published noise schedules' length (more steps cannot run)
+MAX_COUNT = 1000  # num, frames, mix/morph items
+MAX_GUIDANCE = 1000.0  # guidance, prior_guidance: far above any useful scale; ~1e30 makes images of NaN
 
 ModelNotes = dict[str, Any]  # what a record notes about the model: folders, dtype, compat (see load_pipeline)
 Progress = Callable[[int, int], None]
@@ -69,8 +75,49 @@ class JobError(ValueError):
     ``str()`` is one line that says what to change."""
 
     def __init__(self, field: str, message: str) -> None:
+        message = _one_line(message)
         super().__init__(message)
-        self.field, self.message = field, message
+        self.field, self.message = str(field), message
+
+
+_BREAKS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters: line breaks and other control
+    characters shown as escapes, the middle of an over-long message (a huge path) left out."""
+    text = _BREAKS.sub(lambda m: repr(m.group())[1:-1], str(text))
+    if len(text) > limit:
+        text = f"{text[: limit * 6 // 10]} ... {text[-(limit * 3 // 10):]}"
+    return text
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value in a message: its repr, shortened."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a hostile object's repr
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unicode_error(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate {text[exc.start]!r} at position {exc.start}"
+    return None
+
+
+def _finite(v: Any) -> bool:
+    """A real number (not a bool) that is finite as a float."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 class Unavailable(RuntimeError):
@@ -84,7 +131,7 @@ def new_seed() -> int:
 
 def canonical_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` with the accepted aliases (``negative_prompt``, ``cfg_scale``, ``num_images`` ...) renamed."""
-    return {ALIASES.get(k, k): v for k, v in data.items()}
+    return {ALIASES.get(k, k) if isinstance(k, str) else k: v for k, v in data.items()}
 
 
 def _is_path(value: Any) -> bool:
@@ -113,12 +160,13 @@ class Item:
         if isinstance(value, Item):
             return value
         if not isinstance(value, Mapping) or not ({"text", "image"} & set(value)):
-            raise JobError(where, f"bad {mode} item {value!r}: expected {{'text': ...}} or {{'image': ...}}")
-        unknown = sorted(set(value) - {"text", "image", "weight"})
+            raise JobError(where, f"bad {mode} item {_show(value)}: expected {{'text': ...}} or {{'image': ...}}")
+        unknown = sorted(str(k) for k in set(value) - {"text", "image", "weight"})
         if unknown:
-            raise JobError(f"{where}.{unknown[0]}", f"bad {mode} item {value!r}: unknown key {', '.join(unknown)}")
+            raise JobError(f"{where}.{unknown[0]}", f"bad {mode} item {_show(value)}: unknown key "
+                                                    f"{', '.join(unknown)[:200]}")
         if "text" in value and "image" in value:
-            raise JobError(where, f"bad {mode} item {value!r}: give one of 'text' or 'image', not both")
+            raise JobError(where, f"bad {mode} item {_show(value)}: give one of 'text' or 'image', not both")
         return cls(text=value.get("text"), image=value.get("image"), weight=value.get("weight"))
 
     def to_record(self) -> dict[str, Any]:
@@ -173,17 +221,21 @@ class Job:
         a ``--prompts`` line, an HTTP body, a metadata record. ``mode`` defaults to ``data["mode"]``, then
         ``txt2img``. Keys the mode does not use are refused, naming the key, unless ``strict`` is false (then they
         are ignored: a record's ``index``, ``dtype``, ``version`` ...). Values are checked by :meth:`validate`."""
+        if not isinstance(data, Mapping):
+            raise JobError("job", f"a job must be a mapping of fields, got {type(data).__name__}")
         values = canonical_keys(data)
         given_mode = values.pop("mode", None)
         mode = mode or given_mode or "txt2img"
-        if mode not in MODE_KEYS:
-            raise JobError("mode", f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if not isinstance(mode, str) or mode not in MODE_KEYS:
+            raise JobError("mode", f"unknown mode {_show(mode)}; use one of {', '.join(MODES)}")
         if strict and given_mode not in (None, mode):
-            raise JobError("mode", f"mode {given_mode!r} does not match this {mode} job")
+            raise JobError("mode", f"mode {_show(given_mode)} does not match this {mode} job")
         allowed = MODE_KEYS[mode]
-        unknown = sorted(set(values) - set(allowed))
+        unknown = sorted(str(k) for k in set(values) - set(allowed))
         if unknown and strict:
-            raise JobError(unknown[0], f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            shown = ", ".join(unknown)
+            shown = shown if len(shown) <= 200 else shown[:197] + "..."
+            raise JobError(unknown[0], f"unknown key{'s' if len(unknown) > 1 else ''} {shown}; "
                                        f"use {', '.join(sorted(allowed))}")
         return cls(mode=mode, **{k: v for k, v in values.items() if k in allowed})
 
@@ -194,37 +246,48 @@ class Job:
     # ------------------------------------------------------------------ checking
 
     def validate(self) -> Job:
-        """Fast checks before any model is loaded: sizes, counts, numbers, input images readable, mask size.
-        Raises :class:`JobError`; returns the job."""
+        """Fast checks before any model is loaded: types, ranges, sizes, counts, prompts valid Unicode, input
+        images readable, mask size. Raises :class:`JobError`; returns the job."""
         mode = self.mode
-        if mode not in MODE_KEYS:
-            raise JobError("mode", f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if not isinstance(mode, str) or mode not in MODE_KEYS:
+            raise JobError("mode", f"unknown mode {_show(mode)}; use one of {', '.join(MODES)}")
         for key in ("width", "height"):
             v = getattr(self, key)
             if v is not None and (not _is_int(v) or v <= 0 or v % 8):
-                raise JobError(key, f"{key} must be a positive multiple of 8, got {v!r}")
-        for key in ("steps", "prior_steps", "num", "frames"):
+                raise JobError(key, f"{key} must be a positive multiple of 8, got {_show(v)}")
+            if v is not None and v > MAX_SIDE:
+                raise JobError(key, f"{key} {v} is over the limit of {MAX_SIDE} pixels")
+        for key, most in (("steps", MAX_STEPS), ("prior_steps", MAX_STEPS), ("num", MAX_COUNT),
+                          ("frames", MAX_COUNT)):
             v = getattr(self, key)
             if v is not None and (not _is_int(v) or v < 1):
-                raise JobError(key, f"{key} must be a positive integer, got {v!r}")
+                raise JobError(key, f"{key} must be a positive integer, got {_show(v)}")
+            if v is not None and v > most:
+                raise JobError(key, f"{key} {v} is over the limit of {most}")
         seed = self.seed
         if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-            raise JobError("seed", f"seed must be an integer in [0, 2^64), got {seed!r}")
+            raise JobError("seed", f"seed must be an integer in [0, 2^64), got {_show(seed)}")
+        if seed is not None and self.seed_per_image and seed + (self.num or 1) - 1 >= 2**64:
+            raise JobError("seed", f"seed {seed} + {(self.num or 1) - 1} (one seed per image) is not below 2^64")
         for key in ("guidance", "prior_guidance", "strength"):
             v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
-                                  or v < 0):
-                raise JobError(key, f"{key} must be a non-negative number, got {v!r}")
-        if self.strength is not None and not 0 <= self.strength <= 1:  # the pipeline checks the end points
+            if v is not None and (not _finite(v) or v < 0):
+                raise JobError(key, f"{key} must be a non-negative number, got {_show(v)}")
+            if v is not None and key != "strength" and v > MAX_GUIDANCE:
+                raise JobError(key, f"{key} {v!r} is over the limit of {MAX_GUIDANCE:g}")
+        if self.strength is not None and not 0 <= self.strength <= 1:  # run() checks the end points
             raise JobError("strength", f"strength must be in [0, 1], got {self.strength!r}")
-        if self.sampler is not None and self.sampler not in SAMPLER_CHOICES:
-            raise JobError("sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_CHOICES)}")
+        if self.sampler is not None and (not isinstance(self.sampler, str) or self.sampler not in SAMPLER_CHOICES):
+            raise JobError("sampler", f"unknown sampler {_show(self.sampler)}; choose one of "
+                                      f"{', '.join(SAMPLER_CHOICES)}")
         for key in ("prompt", "negative"):
             v = getattr(self, key)
             if v is not None and not isinstance(v, str):
-                raise JobError(key, f"{key} must be a string, got {v!r}")
-        if self.interp is not None and self.interp not in INTERPOLATIONS:
-            raise JobError("interp", f"unknown interpolation {self.interp!r}; choose one of "
+                raise JobError(key, f"{key} must be a string, got {_show(v)}")
+            if v is not None and (why := _unicode_error(v)):
+                raise JobError(key, f"{key} is not valid Unicode text: {why}")
+        if self.interp is not None and (not isinstance(self.interp, str) or self.interp not in INTERPOLATIONS):
+            raise JobError("interp", f"unknown interpolation {_show(self.interp)}; choose one of "
                                      f"{', '.join(INTERPOLATIONS)}")
         if mode in ("txt2img", "img2img", "inpaint") and self.prompt is None:
             raise JobError("prompt", "no prompt given; pass PROMPT or --prompt")
@@ -244,14 +307,21 @@ class Job:
             least = 2 if mode == "morph" else 1
             if len(items) < least:
                 raise JobError("items", f"{mode} needs at least {least} --text/--image item{'s' if least > 1 else ''}")
+            if len(items) > MAX_COUNT:
+                raise JobError("items", f"{len(items)} {mode} items is over the limit of {MAX_COUNT}")
             for i, item in enumerate(items):
+                if item.text is None and not _given(item.image):
+                    raise JobError(f"items[{i}]", f"a {mode} item needs a 'text' or an 'image'")
                 if item.text is not None and not isinstance(item.text, str):
-                    raise JobError(f"items[{i}].text", f"a {mode} item's text must be a string, got {item.text!r}")
+                    raise JobError(f"items[{i}].text", f"a {mode} item's text must be a string, got "
+                                                       f"{_show(item.text)}")
+                if item.text is not None and (why := _unicode_error(item.text)):
+                    raise JobError(f"items[{i}].text", f"a {mode} item's text is not valid Unicode text: {why}")
                 if item.image is not None:
                     _open(item.image, "image", f"items[{i}].image")
                 w = item.weight
-                if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)):
-                    raise JobError(f"items[{i}].weight", f"a {mode} weight must be a finite number, got {w!r}")
+                if w is not None and not _finite(w):
+                    raise JobError(f"items[{i}].weight", f"a {mode} weight must be a finite number, got {_show(w)}")
             if mode == "morph" and self.frames is not None and self.frames < len(items):
                 raise JobError("frames", f"--frames {self.frames} is fewer than the {len(items)} key frames")
         return self
@@ -357,6 +427,19 @@ def _as_input(image: Any) -> Any:
     return Path(image) if _is_path(image) else image
 
 
+def check_strength(pipe: Kandinsky21, strength: float | None) -> None:
+    """The img2img strength end point the pipeline's ``compat`` excludes (diffusers: 0 denoises nothing; original:
+    1 keeps nothing), refused as a :class:`JobError` before any work."""
+    if strength is None:
+        return
+    if getattr(pipe, "original", False):
+        if strength >= 1:
+            raise JobError("strength", f"strength must be in [0, 1) with compat original (the fraction kept), "
+                                       f"got {strength!r}")
+    elif strength <= 0:
+        raise JobError("strength", f"strength must be in (0, 1] (the fraction re-drawn), got {strength!r}")
+
+
 def generate(pipe: Kandinsky21, job: Job) -> list[PIL.Image.Image]:
     """One pipeline call for a job of any mode but morph (``num`` images from one generator)."""
     mode = job.mode
@@ -366,6 +449,7 @@ def generate(pipe: Kandinsky21, job: Job) -> list[PIL.Image.Image]:
         return pipe.text_to_image(job.prompt, job.negative, **_call_kwargs(job))
     if mode == "img2img":
         extra = {"strength": job.strength} if job.strength is not None else {}
+        check_strength(pipe, job.strength)
         return pipe.img2img(job.image, job.prompt, job.negative, **extra, **_call_kwargs(job))
     if mode == "inpaint":
         return pipe.inpaint(job.image, job.mask, job.prompt, job.negative, **_call_kwargs(job))
@@ -568,6 +652,10 @@ def load_pipeline(choice: ModelChoice, need: Sequence[str]) -> Loaded:
 
     from .pipeline import Kandinsky21, resolve_device
 
+    for key, allowed in (("dtype", DTYPES), ("compat", COMPATS)):  # a --from record's may be anything
+        value = getattr(choice, key)
+        if value is not None and (not isinstance(value, str) or value not in allowed):
+            raise ValueError(f"unknown {key} {_show(value)}; use one of {', '.join(allowed)}")
     device = resolve_device(choice.device or "auto")
     dtype = choice.dtype or "auto"
     if dtype == "auto":

@@ -15,9 +15,13 @@ compat``.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
+import os
 import re
+import secrets
 import struct
 from collections import Counter
 from pathlib import Path
@@ -156,8 +160,9 @@ def parse_parameters(text: str) -> dict[str, Any]:
                 record[key] = json.loads(value) if kind == "json" else kind(value)
             else:
                 extra[name] = value
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read {name!r} = {value!r} in the image's parameters: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ValueError(f"cannot read {name!r} = {shown} in the image's parameters: {exc}") from None
     if extra:
         record["extra"] = extra
     return record
@@ -170,19 +175,28 @@ def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
-def save_image(image: PIL.Image.Image, path: Path, record: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write ``image`` with its metadata (PNG chunks, or EXIF UserComment for JPEG/WebP).
+def _text_safe(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (an undecodable byte of a file name) becomes ``\\udcXX``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
-    Never replaces an existing file unless ``overwrite`` (the file is created exclusively).
-    """
-    path = Path(path)
-    text = build_parameters(record)
-    suffix = path.suffix.lower()
+
+def encode_image(image: PIL.Image.Image, path: Path, record: dict[str, Any]) -> bytes:
+    """The bytes of ``image`` saved as ``path``'s type with its metadata (PNG chunks, or EXIF UserComment for
+    JPEG/WebP)."""
+    text = _text_safe(build_parameters(record))
+    suffix = Path(path).suffix.lower()
     kwargs: dict[str, Any] = {}
     if suffix == ".png":
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(PARAMETERS_KEY, text)
-        info.add_text(JSON_KEY, json.dumps(_json_safe(record), ensure_ascii=False))
+        record_json = json.dumps(_json_safe(record), ensure_ascii=False)
+        if _text_safe(record_json) != record_json:  # lone surrogates: JSON escapes read back as the same text
+            record_json = json.dumps(_json_safe(record))
+        info.add_text(JSON_KEY, record_json)
         kwargs = {"format": "PNG", "pnginfo": info}
     elif suffix in (".jpg", ".jpeg", ".webp"):
         exif = PIL.Image.Exif()
@@ -190,13 +204,139 @@ def save_image(image: PIL.Image.Image, path: Path, record: dict[str, Any], overw
         kwargs = {"format": "WEBP" if suffix == ".webp" else "JPEG", "exif": exif.tobytes(), "quality": 95}
         image = image.convert("RGB")
     else:
-        raise ValueError(f"unsupported image type {path.suffix!r} for {path}; use .png, .jpg or .webp")
+        raise ValueError(f"unsupported image type {Path(path).suffix!r} for {path}; use .png, .jpg or .webp")
+    buf = io.BytesIO()
+    image.save(buf, **kwargs)
+    return buf.getvalue()
+
+
+def save_image(image: PIL.Image.Image, path: Path, record: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write ``image`` with its metadata (PNG chunks, or EXIF UserComment for JPEG/WebP).
+
+    The file appears whole or not at all (:func:`write_atomic`), and never replaces an existing file unless
+    ``overwrite``.
+    """
+    path = Path(path)
+    data = encode_image(image, path, record)
     try:
-        with open(path, "wb" if overwrite else "xb") as f:
-            image.save(f, **kwargs)
+        write_atomic(path, data, overwrite)
     except FileExistsError:
         raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --out") from None
     return path
+
+
+# temporary files of write_atomic: hidden, named by the writing process (stale ones are removed by remove_stale)
+TEMP_PATTERN = re.compile(r"^\.kandinsky-(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def write_atomic(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` so that the file appears whole or not at all, even if the process is killed or
+    the disk fills up: written to a temporary file in the same folder, flushed to disk (fsync), then renamed.
+
+    Without ``overwrite`` an existing ``path`` is never replaced (FileExistsError). On any failure the temporary
+    file is removed and an OSError names ``path`` (a full disk: ``errno.ENOSPC``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".kandinsky-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    placed = False
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and refuses an existing path
+            except FileExistsError:
+                raise
+            except OSError as exc:  # a file system without hard links: the check and the rename are two steps
+                if exc.errno not in _NO_LINKS:
+                    raise
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+                os.replace(tmp, path)
+        placed = True
+        _fsync_folder(path.parent)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    finally:
+        try:
+            if not placed or not overwrite:
+                os.unlink(tmp)
+        except OSError:
+            pass
+    return path
+
+
+_NO_LINKS = {errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOSYS, errno.EXDEV,
+             getattr(errno, "ENOTSUP", errno.EPERM), getattr(errno, "EOPNOTSUPP", errno.EPERM)}
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`write_atomic` left in ``folder`` when a process was killed (those of
+    processes that are no longer running); returns them."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = TEMP_PATTERN.match(p.name)
+        if m and not _running(int(m.group(1))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return pid > 0  # another user's process, or a platform without signals: assume it runs
+    return True
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when ``path`` is a whole image file (for a PNG: every chunk there up to the end, each checksum
+    right): an output a resumed batch can keep. A file cut short by a crash (or by an older version killed while
+    writing) is not."""
+    try:
+        with PIL.Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # noqa: BLE001 - anything unreadable is not complete
+        return False
 
 
 def _user_comment(image: PIL.Image.Image) -> str | None:
@@ -227,25 +367,43 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with PIL.Image.open(path) as img:
             info = dict(img.info)
             text = info.get(PARAMETERS_KEY) or _user_comment(img)
-    except (PIL.UnidentifiedImageError, OSError) as exc:
+    except PIL.Image.DecompressionBombError as exc:
+        raise ValueError(f"cannot read image {path}: too large to open safely ({exc})") from None
+    except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
     record = None
     if isinstance(info.get(JSON_KEY), str):
         try:
             record = json.loads(info[JSON_KEY])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # broken JSON, a number too long, nesting too deep
+            record = None
+        if not isinstance(record, dict):
             record = None
     if record is None and isinstance(text, str):
         record = parse_parameters(text)
     return {"parameters": text if isinstance(text, str) else None, "record": record}
 
 
+# record keys a re-run reads directly (the rest are checked as job fields): the types each may have
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {"mode": (str,), "index": (int,), "frame": (int,), "num": (int,),
+                                             "dtype": (str,), "compat": (str,), "model": (str,), "prior": (str,),
+                                             "inpaint": (str,), "original": (str,)}
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
-    """The generation record of an image (our JSON chunk, else its A1111 text); ValueError if it has none."""
+    """The generation record of an image (our JSON chunk, else its A1111 text); ValueError if it has none, or if
+    a value a re-run reads directly (mode, batch position, frame, model folders, dtype) has the wrong type."""
     meta = read_metadata(path)
-    if not meta["record"]:
+    record = meta["record"]
+    if not record:
         raise ValueError(f"{path} carries no generation parameters (no 'parameters' text chunk or EXIF comment)")
-    return meta["record"]
+    for key, types in _RECORD_TYPES.items():
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)
+                                  or (isinstance(value, int) and value < 0)):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ValueError(f"{path} records an invalid {key} {shown}")
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- model folders

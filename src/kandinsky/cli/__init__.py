@@ -6,7 +6,10 @@ AUTOMATIC1111 ``parameters`` format (see :mod:`kandinsky.metadata`); ``generate 
 The jobs themselves are :mod:`kandinsky.jobs`'; this package turns options into jobs and results into files.
 
 Errors print one line ``kandinsky: error: ...`` and exit with status 2; unexpected failures exit with 1 and show
-their traceback only with ``--debug``.
+their traceback only with ``--debug``; Ctrl+C prints ``kandinsky: interrupted`` and exits with 130. Images are
+written whole or not at all (a temporary file, then a rename), so an interrupted or killed run leaves no partial
+file, and a ``--prompts`` batch run again finishes what is missing. A batch stops at the first output it cannot
+write (a full disk: ``no space left on device: cannot write to FOLDER ...``, status 2).
 
 Modules: :mod:`.parser` (argparse), :mod:`.options` (options -> jobs), :mod:`.commands`, :mod:`.batch`
 (``--prompts``), :mod:`.morph`, :mod:`.outputs` (file naming), :mod:`.common` (errors, console output).
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from ..jobs import Unavailable
 from . import parser as _parser
 from .commands import cmd_convert, cmd_download, cmd_images, cmd_info, cmd_serve
-from .common import EXIT_CRASH, EXIT_ERROR, PROG, CLIError, one_line, print_json
+from .common import EXIT_CRASH, EXIT_ERROR, EXIT_INTERRUPTED, PROG, CLIError, one_line, print_json
 from .morph import cmd_morph
 
 __all__ = ["CLIError", "HANDLERS", "build_parser", "main"]
@@ -73,9 +76,11 @@ def _main(argv: list[str], debug: bool, as_json: bool) -> int:
         return int(args.func(args) or 0)
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_ERROR)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl+C: outputs are written whole or not at all, so nothing is left half-written
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        if as_json:
+            print_json({"ok": False, "error": "interrupted", "exit_code": EXIT_INTERRUPTED})
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `kandinsky info IMAGE | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_CRASH

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
 PROG = "kandinsky"
-EXIT_ERROR, EXIT_CRASH = 2, 1
+EXIT_ERROR, EXIT_CRASH, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class CLIError(Exception):
@@ -44,8 +45,14 @@ def emit(args: argparse.Namespace, message: str) -> None:
 
 
 def print_json(obj: dict[str, Any]) -> None:
-    """The ``--json`` result object."""
-    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+    """The ``--json`` result object (non-ASCII text as it is, unless the output cannot encode it: lone surrogates
+    of undecodable file names, a console in another encoding; then as ``\\u`` escapes, which read back the same)."""
+    text = json.dumps(obj, ensure_ascii=False, indent=2, default=str)
+    try:
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        text = json.dumps(obj, ensure_ascii=True, indent=2, default=str)
+    print(text)
 
 
 def bar(args: argparse.Namespace, total: int, desc: str, unit: str) -> Any:
@@ -57,11 +64,20 @@ def bar(args: argparse.Namespace, total: int, desc: str, unit: str) -> Any:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one line of text."""
+    """An exception as one line of printable text (line breaks become spaces, other control characters such as
+    NUL or ESC are shown as escapes, so that a file name cannot break the line or drive the terminal)."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         text = f"{exc.filename}: {exc.strerror}"
     else:
         text = str(exc) or type(exc).__name__
     if isinstance(exc, KeyError):
         text = f"missing {text}"
-    return " ".join(text.split())
+    return printable(" ".join(text.split()))
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (C0, DEL, C1, line and paragraph separators) as ``\\xNN``/``\\uNNNN``."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")

@@ -76,7 +76,7 @@ def model_choice(args: argparse.Namespace, record: dict[str, Any] | None = None)
         given = any((choice.model, choice.prior, choice.inpaint))
         for key in ("model", "prior", "inpaint") if given else ("model", "prior", "inpaint", "original"):
             path = record.get(key)
-            if getattr(choice, key) or not path:
+            if getattr(choice, key) or not path or not isinstance(path, str):
                 continue
             if Path(path).exists() or hub.is_hub_id(str(path)):  # a folder, or a Hub id (resolved when loading)
                 setattr(choice, key, path)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from .. import metadata
 from ..jobs import Job
 from .common import CLIError
 
@@ -29,7 +31,8 @@ def job_slug(job: Job) -> str:
 
 
 def ensure_folder(folder: Path) -> Path:
-    """Create ``folder`` if needed and check that it can be written to."""
+    """Create ``folder`` if needed and check that it can be written to; temporary files that killed runs left
+    there are removed (:func:`metadata.remove_stale`)."""
     if folder.exists() and not folder.is_dir():
         raise CLIError(f"output folder {folder} is a file; choose another --out")
     try:
@@ -38,6 +41,7 @@ def ensure_folder(folder: Path) -> Path:
         raise CLIError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CLIError(f"output folder {folder} is not writable")
+    metadata.remove_stale(folder)
     return folder
 
 
@@ -103,10 +107,10 @@ def save_animation(frames: list[Any], path: Path, fps: float, boomerang: bool, o
     seq = list(frames) + (list(reversed(frames[1:-1])) if boomerang else [])
     fmt = "WEBP" if path.suffix.lower() == ".webp" else "GIF"
     extra = {"quality": 90} if fmt == "WEBP" else {}
+    buf = io.BytesIO()
+    seq[0].save(buf, format=fmt, save_all=True, append_images=seq[1:], duration=round(1000 / fps), loop=0, **extra)
     try:
-        with open(path, "wb" if overwrite else "xb") as f:
-            seq[0].save(f, format=fmt, save_all=True, append_images=seq[1:], duration=round(1000 / fps), loop=0,
-                        **extra)
+        metadata.write_atomic(path, buf.getvalue(), overwrite)  # whole or not at all
     except FileExistsError:
         raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --out") from None
     return path
