@@ -241,6 +241,9 @@ def build_parser(handlers: Mapping[str, Handler], argv: Sequence[str] = ()) -> P
     add_model_arguments(p)
     output_flags(p)
 
+    from .ray import add_ray_parsers, cmd_ray  # here: .ray imports this module; it imports no Ray until run
+
+    add_ray_parsers(command("ray", "serve and batch on a Ray cluster: serve, status, batch (kandinsky[ray])", cmd_ray))
     _add_train(sub, command, argv)
     return parser
 

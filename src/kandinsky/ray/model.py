@@ -1,0 +1,126 @@
+"""The model deployment: each replica owns one pipeline (a :class:`~kandinsky.server.engine.PipelineEngine`) and
+runs jobs sent by the job store, reporting every sampler step back to it.
+
+Progress: each step calls the store's ``report`` (one small actor call; decoder steps carry the first latent row
+for previews); a False answer means the job was cancelled, and the run stops there. With ``max_batch_size`` > 1,
+compatible txt2img jobs arriving together (within ``batch_wait_timeout_s``) share one decoder loop through
+``@serve.batch`` (:mod:`kandinsky.ray.batching`); other jobs run alone, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from typing import Any
+
+from ..jobs import Job, ModelChoice
+from ..server.engine import PipelineEngine
+from .batching import batch_key, run_batched
+from .common import set_threads
+from .remote import describe
+
+
+class _Cancelled:
+    """A batched caller's result when it was cancelled mid-batch (``@serve.batch`` results cannot raise)."""
+
+
+class StoreReporter:
+    """The replica side of progress: forwards each step to the job store, raises ``JobCancelled`` when told."""
+
+    wants_latents = True
+
+    def __init__(self, store: Any, key: str) -> None:
+        self.store, self.key = store, key
+        self.cancelled = False
+
+    def __call__(self, stage: str, done: int, total: int, latents: Any = None) -> None:
+        import ray
+
+        from ..server.worker import JobCancelled
+
+        if self.cancelled:
+            raise JobCancelled()
+        row = None
+        if stage == "decoder" and getattr(latents, "ndim", 0) == 4:
+            row = latents[:1].detach().float().cpu().clone()
+        if self.store is not None and not ray.get(self.store.report.remote(self.key, stage, done, total, row)):
+            self.cancelled = True
+            raise JobCancelled()
+
+
+class ModelReplica:
+    """One Serve replica: loads the model once (``choice``) with ``threads`` torch threads, then runs jobs."""
+
+    def __init__(self, choice: ModelChoice | None = None, threads: int | None = None, max_batch_size: int = 1,
+                 batch_wait_timeout_s: float = 0.05) -> None:
+        self.threads = set_threads(threads)
+        self.engine = PipelineEngine(choice or ModelChoice())
+        self.engine.load()
+        self.description = describe(self.engine)
+        self.description["pid"] = os.getpid()
+        self.batch_sizes: Counter[int] = Counter()
+        self._batched = None
+        if max_batch_size > 1:
+            from ray import serve
+
+            self._batched = serve.batch(max_batch_size=max_batch_size,
+                                        batch_wait_timeout_s=batch_wait_timeout_s)(self._run_batch)
+
+    def describe(self) -> dict[str, Any]:
+        """The model, as :class:`~kandinsky.ray.remote.RemoteEngine` needs it (and this replica's pid)."""
+        return self.description
+
+    def stats(self) -> dict[str, Any]:
+        """Batch sizes run so far (``{size: count}``), the pid and the thread count."""
+        return {"batch_sizes": dict(self.batch_sizes), "pid": os.getpid(), "threads": self.threads}
+
+    async def run(self, job: Job, key: str, store: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Run one job, reporting progress to ``store`` under ``key``; (image, record) pairs."""
+        from ..server.worker import JobCancelled
+
+        if self._batched is not None and batch_key(self.engine.pipe, job) is not None:
+            out = await self._batched((job, key, store))
+            if isinstance(out, _Cancelled):
+                raise JobCancelled()
+            return out
+        return await asyncio.to_thread(self._run_one, job, key, store)
+
+    def _run_one(self, job: Job, key: str, store: Any) -> list[tuple[Any, dict[str, Any]]]:
+        self.batch_sizes[1] += 1
+        return [tuple(o) for o in self.engine.run(job, StoreReporter(store, key))]
+
+    async def _run_batch(self, items: list[tuple[Job, str, Any]]) -> list[Any]:
+        return await asyncio.to_thread(self._run_groups, items)
+
+    def _run_groups(self, items: list[tuple[Job, str, Any]]) -> list[Any]:
+        """Group compatible jobs and run each group with one decoder loop (a group of one runs alone)."""
+        from ..server.worker import JobCancelled
+
+        groups: dict[Any, list[int]] = {}
+        for i, (job, _, _) in enumerate(items):
+            groups.setdefault(batch_key(self.engine.pipe, job), []).append(i)
+        results: list[Any] = [None] * len(items)
+        for members in groups.values():
+            if len(members) == 1:
+                i = members[0]
+                try:
+                    results[i] = self._run_one(*items[i])
+                except JobCancelled:
+                    results[i] = _Cancelled()
+                continue
+            reporters = [StoreReporter(items[i][2], items[i][1]) for i in members]
+
+            def progress(j: int, stage: str, done: int, total: int, latents: Any,
+                         reporters: list[StoreReporter] = reporters) -> None:
+                try:
+                    reporters[j](stage, done, total, latents)
+                except JobCancelled:  # the others go on; this caller's images are dropped at the end
+                    pass
+
+            self.batch_sizes[len(members)] += 1
+            with self.engine._lock:  # the engine's own lock: one pipeline call at a time
+                outputs = run_batched(self.engine.pipe, [items[i][0] for i in members], self.engine.model, progress)
+            for j, i in enumerate(members):
+                results[i] = _Cancelled() if reporters[j].cancelled else [tuple(o) for o in outputs[j]]
+        return results
