@@ -436,6 +436,71 @@ def test_cli_argv(argv, cli_models):
             assert metadata.is_complete(path) and metadata.read_record(path)["mode"]
 
 
+RECORD_VALUES = {
+    "mode": st.sampled_from([*MODES, "sketch", 3, None, ["txt2img"]]),
+    "prompt": st.sampled_from(TEXTS[:-1] + [3]), "negative": st.sampled_from([None, "", "blurry", "\ud800"]),
+    "width": st.sampled_from([64, 8, 63, "64", None]), "height": st.sampled_from([64, 16, -8]),
+    "steps": st.sampled_from([1, 2, 0, "1", 1001]), "prior_steps": st.sampled_from([1, 2, 0]),
+    "guidance": st.sampled_from([4.0, 0, "4", 1e30]), "sampler": st.sampled_from(["ddim", "DDIM", "euler", 1]),
+    "seed": st.sampled_from([1, 2**64 - 1, 2**64, -1, "7", 1.5]),
+    "num": st.sampled_from([1, 2, 0, "2", None]), "index": st.sampled_from([0, 1, 5, -1, "x", True]),
+    "frame": st.sampled_from([0, 1, 2, 99, -1, "x"]), "frames": st.sampled_from([2, 3, 0]),
+    "items": st.sampled_from([[{"text": "a"}, {"text": "b"}], [{"text": "a", "weight": 0.5}], [],
+                              [{"image": "inputs/good.png"}, {"text": "b"}], "a", [{"text": None}]]),
+    "image": st.sampled_from(["inputs/good.png", "inputs/missing.png", "<upload>", 3]),
+    "mask": st.sampled_from(["inputs/mask.png", "inputs/mask32.png"]),
+    "strength": st.sampled_from([0.5, 0, 1, 2]), "interp": st.sampled_from(["slerp", "lerp", "cubic"]),
+    "model": st.sampled_from(["nowhere", "owner/name", 3, None, ""]), "prior": st.sampled_from(["nowhere", None]),
+    "original": st.sampled_from(["nowhere", None]), "dtype": st.sampled_from(["float32", "float64", 1, None]),
+    "compat": st.sampled_from(["diffusers", "bogus", None, 2]), "version": st.sampled_from(["0.1.0", None]),
+}
+PARAMETER_TEXTS = ["a cat\nSteps: 1, Sampler: DDIM, CFG scale: 4, Seed: 3, Size: 64x64, Model: m, Prior steps: 1",
+                   "a cat\nSteps: x, Sampler: DDIM, CFG scale: 4, Seed: 3",
+                   "x\nSteps: 1, Seed: 99999999999999999999999, Size: 64x64x64",
+                   "x\nSteps: 1, Seed: 1, Size: 64x64, Mix: [[[[, Mode: mix",
+                   "x\nSteps: 1, Seed: 1, Size: 64x64, Prior steps: 1, Mode: morph, Morph frame: 7, Morph frames: 2",
+                   "only a prompt", "", "Negative prompt: n\nSteps: 1, Seed: 2, Size: 64x64, Prior steps: 1"]
+
+
+SMALL_RECORD = {"seed": 1, "width": 64, "height": 64, "steps": 1, "prior_steps": 1}
+
+
+@st.composite
+def records(draw):
+    """Records as images carry them: a sane one of a mode with up to 3 values changed, or anything."""
+    if draw(st.booleans()):
+        mode = draw(st.sampled_from(MODES))
+        record = {"mode": mode, **SMALL_RECORD, **BASE[mode]}
+        if mode == "morph":
+            record.update(frames=2, frame=1)
+        for key in draw(st.lists(st.sampled_from(sorted(RECORD_VALUES)), max_size=3, unique=True)):
+            record[key] = draw(RECORD_VALUES[key])
+        return record
+    return draw(st.fixed_dictionaries({"mode": RECORD_VALUES["mode"]},
+                                      optional={k: v for k, v in RECORD_VALUES.items() if k != "mode"}))
+
+
+@settings(FUZZ, max_examples=40)
+@given(record=records(), text=st.one_of(st.none(), st.sampled_from(PARAMETER_TEXTS)), as_json=st.booleans())
+def test_from_hostile_records(record, text, as_json, cli_models):
+    """``generate --from IMAGE`` on images whose recorded parameters are anything: a re-run, or one line."""
+    n = COUNTS["cli: --from records"] = COUNTS["cli: --from records"] + 1
+    info = PIL.PngImagePlugin.PngInfo()
+    if as_json or text is None:
+        info.add_text("kandinsky", json.dumps(record))
+    if text is not None:
+        info.add_text("parameters", text)
+    PIL.Image.new("RGB", (8, 8)).save(f"from{n}.png", pnginfo=info)
+    code, out, err = run_cli(["generate", "--from", f"from{n}.png", "-o", f"from-out{n}", "--quiet"])
+    assert "Traceback" not in err and code in (0, 2), f"{record!r} {text!r}: exit {code}\n{err}"
+    if code == 2:
+        assert len(err.splitlines()) == 1 and err.startswith(ERROR), err
+    else:
+        COUNTS["cli: --from records, ran"] += 1
+        [path] = [Path(line.split("  (")[0]) for line in out.splitlines()]
+        assert metadata.is_complete(path)
+
+
 # ------------------------------------------------------------------------------------------- --prompts files
 
 LINES = [

@@ -535,6 +535,9 @@ def run_morph(pipe: Kandinsky21, job: Job, frames: Sequence[int] | None = None, 
     seed, total = job.seed, job.frames or 16
     if seed is None:
         raise JobError("seed", "a job must have its seed before it runs")
+    for i in frames or ():
+        if not _is_int(i) or not 0 <= i < total:
+            raise JobError("frames", f"frame {_show(i)} is not one of the {total} frames (0 to {total - 1})")
     keys = []
     for item in job.items or []:
         if item.text is not None:

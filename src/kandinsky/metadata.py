@@ -316,7 +316,7 @@ def remove_stale(folder: str | Path) -> list[Path]:
 
 
 def _running(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name != "posix":  # (on Windows os.kill would end the process: assume it runs)
         return True
     try:
         os.kill(pid, 0)

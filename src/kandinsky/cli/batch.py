@@ -166,7 +166,7 @@ def run_batch(args: argparse.Namespace, mode: str, base: dict[str, Any], path: P
                     metadata.save_image(img, p, rec, overwrite=replace)
                 except FileExistsError as exc:  # made meanwhile by another run: that line's problem only
                     fail(number, exc)
-                    continue
+                    break
                 except OSError as exc:  # a full disk, a folder turned read-only: every further write would fail
                     raise CLIError(_write_failure(exc, outputs.folder, number, len(done))) from exc
                 done.append({"line": number, "path": str(p), "seed": rec["seed"], "index": i, "seconds": seconds,
@@ -184,9 +184,10 @@ def run_batch(args: argparse.Namespace, mode: str, base: dict[str, Any], path: P
 
 def _write_failure(exc: OSError, folder: Path, number: int, written: int) -> str:
     """The one line that stops a batch whose output cannot be written."""
-    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if full:
         why = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
     else:
         why = exc.strerror or str(exc)
     return (f"{why}: cannot write to {folder} (line {number}); batch stopped after {written} image(s) written, "
-            f"nothing partial left; make room and run the same command again to finish")
+            f"nothing partial left; {'make room' if full else 'fix that'} and run the same command again to finish")

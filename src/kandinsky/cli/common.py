@@ -23,7 +23,12 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def write(message: str, file: Any) -> None:
-    """A line that does not break a progress bar."""
+    """A line that does not break a progress bar (characters the console cannot show are written as escapes)."""
+    encoding = getattr(file, "encoding", None) or "utf-8"
+    try:
+        message.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        message = message.encode("ascii", "backslashreplace").decode("ascii")
     try:
         from tqdm import tqdm
 
