@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, metadata
-from ..jobs import Job, new_seed
+from ..jobs import MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, Job, new_seed
 from .config import ServerConfig
+from .errors import ERROR_RESPONSES, task_field_error
 from .images import FieldError, decode_image, decode_mask
 from .schemas import sampler_names
 from .worker import Task, Worker
@@ -39,16 +40,19 @@ class A1111Txt2Img(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = Field(50, ge=1)
-    cfg_scale: float = Field(7.0, ge=0, allow_inf_nan=False)
-    width: int = Field(512, ge=8)
-    height: int = Field(512, ge=8)
+    steps: int = Field(50, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(7.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    width: int = Field(512, ge=8, le=MAX_SIDE)
+    height: int = Field(512, ge=8, le=MAX_SIDE)
     seed: int = Field(-1, ge=-1, le=2**63 - 1)
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     sampler_name: str | None = None
     sampler_index: str | None = None  # the older name of sampler_name
     send_images: bool = True
+    prior_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                    description="Kandinsky's prior steps (no A1111 field; default: the model's, "
+                                                "at most the server's max_steps)")
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -79,14 +83,17 @@ def _job(mode: str, req: A1111Txt2Img, config: ServerConfig) -> Job:
     if count > limits.max_images:
         raise FieldError("batch_size", f"batch_size × n_iter = {count} images is over the limit of "
                                        f"{limits.max_images}")
-    if req.steps > limits.max_steps:
-        raise FieldError("steps", f"{req.steps} is over the limit of {limits.max_steps}")
+    for key in ("steps", "prior_steps"):
+        value = getattr(req, key)
+        if value is not None and value > limits.max_steps:
+            raise FieldError(key, f"{value} is over the limit of {limits.max_steps}")
     width, height = req.width // 8 * 8, req.height // 8 * 8  # as A1111, sizes are floored to multiples of 8
     if width * height > limits.max_pixels:
         raise FieldError("width", f"{width}×{height} = {width * height} pixels is over the limit of "
                                   f"{limits.max_pixels}")
     job = Job(mode=mode, prompt=req.prompt, negative=req.negative_prompt or None, width=width, height=height,
-              steps=req.steps, guidance=req.cfg_scale, sampler=sampler_id(req.sampler_name or req.sampler_index),
+              steps=req.steps, prior_steps=req.prior_steps, guidance=req.cfg_scale,
+              sampler=sampler_id(req.sampler_name or req.sampler_index),
               seed=req.seed if req.seed >= 0 else new_seed(), num=count, seed_per_image=True)
     if isinstance(req, A1111Img2Img):
         job.image = decode_image(req.init_images[0], "init_images[0]", limits)
@@ -133,6 +140,8 @@ def add_a1111_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None
         task = await submit(lambda: _job(mode, req, config), kind="a1111")
         await task.wait()
         if task.state != "done":
+            if task.status == 422:
+                return task_field_error(task)
             return JSONResponse(status_code=task.status if task.status >= 400 else 500,
                                 content={"error": task.state, "detail": task.error or task.state,
                                          "errors": task.error or ""})
@@ -142,12 +151,12 @@ def add_a1111_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None
         return {"images": images, "parameters": req.model_dump(exclude={"init_images", "mask"}),
                 "info": json.dumps(_info(task, req))}
 
-    @app.post("/sdapi/v1/txt2img", tags=["automatic1111"])
+    @app.post("/sdapi/v1/txt2img", tags=["automatic1111"], responses=ERROR_RESPONSES)
     async def txt2img(req: A1111Txt2Img) -> Any:
         """A1111 text to image: ``images`` (base64 PNGs) and ``info`` (a JSON string)."""
         return await run("txt2img", req)
 
-    @app.post("/sdapi/v1/img2img", tags=["automatic1111"])
+    @app.post("/sdapi/v1/img2img", tags=["automatic1111"], responses=ERROR_RESPONSES)
     async def img2img(req: A1111Img2Img) -> Any:
         """A1111 img2img (``init_images``, ``denoising_strength``), or inpainting when ``mask`` is given."""
         return await run("img2img", req)

@@ -11,17 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..jobs import Item, Job, JobError, mix_weights, new_seed
+from ..jobs import Item, Job, JobError, check_strength, mix_weights, new_seed
 from .a1111 import add_a1111_routes
 from .config import Limits, ServerConfig
 from .engine import Engine, PipelineEngine, round64
+from .errors import ERROR_RESPONSES, NOT_FOUND, field_error_response, task_field_error
 from .images import FieldError, decode_image, decode_mask
 from .schemas import (
     GenerationResponse,
@@ -34,7 +37,17 @@ from .schemas import (
     VariationsRequest,
     sampler_names,
 )
-from .worker import TERMINAL, QueueFull, Task, Worker, check_plan
+from .worker import (
+    OUT_OF_MEMORY,
+    TERMINAL,
+    QueueFull,
+    ShuttingDown,
+    Task,
+    Worker,
+    plan_job,
+    release_memory,
+    request_error,
+)
 
 STATIC = Path(__file__).parent / "static"
 PUBLIC_PATHS = ("/", "/index.html", "/healthz", "/favicon.ico")
@@ -121,14 +134,6 @@ def _where(loc: Any) -> str:
     return out or "body"
 
 
-def field_error_response(field: str, message: str) -> JSONResponse:
-    """422 in FastAPI's shape, plus ``error``: one line that names the field."""
-    return JSONResponse(status_code=422, content={
-        "detail": [{"loc": ["body", *field.replace("[", ".").replace("]", "").split(".")], "msg": message,
-                    "type": "value_error"}],
-        "error": f"{field}: {message}"})
-
-
 def _decoder_fields(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
     """The job fields every mode shares, with the per-request caps checked."""
     if req.num_images > limits.max_images:
@@ -201,11 +206,23 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         for e in exc.errors():
             where = _where(e.get("loc"))
             msg = e.get("msg", "invalid")
-            if e.get("type") == "json_invalid":
-                where, msg = "body", f"malformed JSON: {e.get('ctx', {}).get('error', msg)}"
-            detail.append({"loc": list(e.get("loc") or ()), "msg": msg, "type": e.get("type")})
+            if e.get("type") == "value_error" and msg.startswith("Value error, "):  # our validators' own words
+                msg = msg[len("Value error, "):]
+            loc = list(e.get("loc") or ())
+            if e.get("type") == "json_invalid":  # FastAPI's loc is ("body", character offset)
+                at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+                where, msg, loc = "body", f"malformed JSON: {e.get('ctx', {}).get('error', msg)}{at}", ["body"]
+            detail.append({"loc": loc, "msg": msg, "type": e.get("type")})
             lines.append(f"{where}: {msg}")
         return JSONResponse(status_code=422, content={"detail": detail, "error": "; ".join(lines)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):  # FastAPI could not read the body
+            cause = exc.__cause__
+            reason = "the body is not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else str(cause)
+            return field_error_response("body", f"malformed JSON: {reason}")
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(JobError)  # FieldError included
     async def _field(request: Request, exc: JobError) -> JSONResponse:
@@ -216,6 +233,17 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         return JSONResponse(status_code=429, content={"detail": str(exc), "retry_after": exc.retry_after},
                             headers={"Retry-After": str(exc.retry_after)})
 
+    @app.exception_handler(ShuttingDown)
+    async def _stopping(request: Request, exc: ShuttingDown) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(exc)},
+                            headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(MemoryError)
+    async def _memory(request: Request, exc: MemoryError) -> JSONResponse:  # decoding an upload, say
+        log.error("out of memory reading a request to %s", request.url.path)
+        release_memory()
+        return JSONResponse(status_code=503, content={"detail": OUT_OF_MEMORY})
+
     app.state.submit = _submitter(worker, config)
     _add_v1_routes(app, worker, config)
     add_a1111_routes(app, worker, config)
@@ -225,27 +253,38 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
 
 def _submitter(worker: Worker, config: ServerConfig) -> Callable[..., Any]:
     async def submit(make_job: Callable[[], Job], kind: str = "v1") -> Task:
-        """Build the job off the event loop (uploads are decoded there), check it against the model, queue it."""
-        job = await run_in_threadpool(make_job)
-        if worker.ready:
-            pipe = getattr(worker.engine, "pipe", None)
-            if job.mode == "inpaint" and pipe is not None and pipe.inpaint_model is None:
-                raise FieldError("mode", "this server has no inpainting model (start it with --inpaint DIR)")
-            check_plan(await run_in_threadpool(worker.engine.plan, job), job, config)
-        elif job.image is not None and job.width is None:
-            w, h = round64(job.image.width), round64(job.image.height)
-            if w * h > config.limits.max_pixels:
-                raise FieldError("image", f"the output would be {w}×{h} = {w * h} pixels, over the limit of "
-                                          f"{config.limits.max_pixels}; give width and height")
+        """Build the job off the event loop (uploads are decoded there), check it against the model, queue it.
+        A :class:`JobError` names the request's field (``kind``: ``v1`` or ``a1111``)."""
+        if worker.draining:
+            raise ShuttingDown()
+        try:
+            job = await run_in_threadpool(make_job)
+            if worker.ready:
+                pipe = getattr(worker.engine, "pipe", None)
+                if job.mode == "inpaint" and pipe is not None and pipe.inpaint_model is None:
+                    raise FieldError("mask", "this server has no inpainting model (start it with --inpaint DIR)")
+                if job.mode == "img2img" and pipe is not None:
+                    check_strength(pipe, job.strength)
+                await run_in_threadpool(plan_job, worker.engine, job, config, kind)
+            elif job.image is not None and job.width is None:
+                w, h = round64(job.image.width), round64(job.image.height)
+                if w * h > config.limits.max_pixels:
+                    raise FieldError("image", f"the output would be {w}×{h} = {w * h} pixels, over the limit of "
+                                              f"{config.limits.max_pixels}; give width and height")
+        except JobError as exc:
+            raise request_error(exc, kind) from None
         return worker.submit(job, kind)
 
     return submit
 
 
 def job_result_response(task: Task) -> JSONResponse:
-    """The synchronous answer for a finished task: 200 with images, else its error status."""
+    """The synchronous answer for a finished task: 200 with images, else its error status (422 naming the field,
+    409 cancelled, 503 shutting down or out of memory, 500 a crash)."""
     if task.state == "done":
         return JSONResponse(task.response())
+    if task.status == 422:
+        return task_field_error(task)
     return JSONResponse(status_code=task.status if task.status >= 400 else 500,
                         content={"detail": task.error or task.state, "id": task.id, "state": task.state})
 
@@ -253,12 +292,7 @@ def job_result_response(task: Task) -> JSONResponse:
 def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
     submit = app.state.submit
     responses: dict[int | str, dict[str, Any]] = {
-        202: {"model": JobAccepted, "description": "with ?async=true: the job was queued"},
-        409: {"description": "the job was cancelled"},
-        413: {"description": "the request body is too large"},
-        422: {"description": "a field is invalid or over a limit; `error` names it"},
-        429: {"description": "the queue is full; retry after the Retry-After header's seconds"},
-    }
+        202: {"model": JobAccepted, "description": "with ?async=true: the job was queued"}, **ERROR_RESPONSES}
 
     async def run(request_mode: str, req: Any, is_async: bool) -> Any:
         task = await submit(lambda: build_job(request_mode, req, config.limits))
@@ -308,7 +342,7 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
         tasks = sorted(worker.jobs.values(), key=lambda t: t.created, reverse=True)
         return {"jobs": [t.summary(worker.position(t), result=False) for t in tasks]}
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"], responses=NOT_FOUND)
     async def get_job(job_id: str) -> Any:
         """A job's state, progress (``fraction`` in [0, 1]), latest preview and, once done, its result."""
         task = find(job_id)
@@ -321,13 +355,14 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
         out["cancel_requested"] = task.cancel_requested or task.state == "cancelled"
         return out
 
-    app.delete("/v1/jobs/{job_id}", tags=["jobs"], summary="Cancel a job")(cancel)
-    app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], summary="Cancel a job")(cancel)
+    app.delete("/v1/jobs/{job_id}", tags=["jobs"], summary="Cancel a job", responses=NOT_FOUND)(cancel)
+    app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], summary="Cancel a job", responses=NOT_FOUND)(cancel)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "Server-Sent Events: queued, started, progress, preview "
-                                             "(base64 PNG), then done (the result), failed or cancelled"}})
+                                             "(base64 PNG), then done (the result), failed or cancelled"},
+                        **NOT_FOUND})
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Follow a job: every event from the start (or after ``Last-Event-ID``), until it finishes."""
         task = find(job_id)

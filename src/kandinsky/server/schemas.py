@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..jobs import MAX_COUNT, MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, SAMPLER_CHOICES
+
 SEED_MAX = 2**63 - 1
 
 
@@ -27,14 +29,18 @@ class _Strict(BaseModel):
 
 class _Decoder(_Strict):
     negative_prompt: str | None = Field(None, description="negative prompt")
-    width: int | None = Field(None, ge=8, multiple_of=8, description="a multiple of 8 (default: the model's)")
-    height: int | None = Field(None, ge=8, multiple_of=8, description="a multiple of 8 (default: the model's)")
-    steps: int | None = Field(None, ge=1, description="decoder steps (default: the model's)")
-    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="decoder CFG scale")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE, multiple_of=8,
+                              description="a multiple of 8 (default: the model's)")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE, multiple_of=8,
+                               description="a multiple of 8 (default: the model's)")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="decoder steps (default: the model's)")
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                                         description="decoder CFG scale")
     sampler: str | None = Field(None, description="decoder sampler (GET /v1/models lists them; default: the "
-                                                  "model's)")
+                                                  "model's)",
+                                json_schema_extra={"enum": [*SAMPLER_CHOICES, None]})
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when absent; returned either way")
-    num_images: int = Field(1, ge=1, description="images, drawn from one generator")
+    num_images: int = Field(1, ge=1, le=MAX_COUNT, description="images, drawn from one generator")
 
     @field_validator("sampler")
     @classmethod
@@ -45,8 +51,9 @@ class _Decoder(_Strict):
 
 
 class _Prior(_Decoder):
-    prior_steps: int | None = Field(None, ge=1, description="prior steps (default: the model's)")
-    prior_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="prior CFG scale")
+    prior_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="prior steps (default: the model's)")
+    prior_guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                                               description="prior CFG scale")
 
 
 class Txt2ImgRequest(_Prior):
@@ -74,6 +81,10 @@ class InpaintRequest(_Prior):
 class MixItem(_Strict):
     """One ingredient of a mix: a prompt or an image, with a weight."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["text"], "properties": {"text": {"type": "string"}}},
+        {"required": ["image"], "properties": {"image": {"type": "string"}}}]})
+
     text: str | None = None
     image: str | None = Field(None, description="base64 image")
     weight: float = Field(1.0, allow_inf_nan=False)
@@ -98,6 +109,14 @@ class VariationsRequest(_Decoder):
 
     image: str = Field(..., description="the input image, base64")
     prompt: str = Field("", description="the decoder's text prompt")
+
+
+class ErrorResponse(BaseModel):
+    """An error: ``detail`` says what went wrong."""
+
+    detail: str
+    id: str | None = Field(None, description="the job, for a job that failed or was cancelled")
+    state: str | None = Field(None, description="the job's state, for a job that failed or was cancelled")
 
 
 class ImageResult(BaseModel):

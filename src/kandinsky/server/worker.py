@@ -5,12 +5,17 @@ One thread owns the model and runs one task at a time. Requests add tasks to a b
 refused with :class:`QueueFull`); each task keeps an append-only list of events (``queued``, ``started``,
 ``progress``, ``preview``, then one of ``done``/``failed``/``cancelled``) that the SSE stream replays and
 follows. Cancelling a queued task removes it; cancelling a running one stops it at its next sampler step.
+
+A task that raises fails alone (``failed`` with the message; running out of memory says so) and the thread goes
+on to the next one. Stopping the server drains the worker: new jobs are refused, queued ones end ``cancelled``
+(their waiting requests answer 503), the running one may finish within a grace period and is cancelled after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import secrets
@@ -22,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import metadata
-from ..jobs import Job
+from ..jobs import Job, JobError
 from .config import ServerConfig
 from .engine import Engine
 from .images import FieldError, b64, png_bytes
@@ -39,6 +44,54 @@ class QueueFull(Exception):
     def __init__(self, capacity: int, retry_after: int) -> None:
         super().__init__(f"the queue is full ({capacity} jobs waiting); retry after {retry_after} s")
         self.capacity, self.retry_after = capacity, retry_after
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new jobs (answered 503)."""
+
+    retry_after = 30
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down and takes no new jobs; retry on its next start")
+
+
+# The request field of each job field that a route names differently (a JobError names the job's field).
+REQUEST_FIELDS = {
+    "v1": {"negative": "negative_prompt", "guidance": "guidance_scale", "prior_guidance": "prior_guidance_scale",
+           "num": "num_images"},
+    "a1111": {"negative": "negative_prompt", "guidance": "cfg_scale", "num": "batch_size", "image": "init_images[0]",
+              "strength": "denoising_strength", "sampler": "sampler_name"},
+}
+SHUTDOWN_REASON = "the server is shutting down"
+
+
+def request_error(exc: JobError, kind: str) -> FieldError:
+    """``exc`` naming the request's field (``guidance`` is ``guidance_scale`` in /v1, ``cfg_scale`` in A1111)."""
+    field = REQUEST_FIELDS.get(kind, {}).get(exc.field, exc.field)
+    message = exc.message
+    if field != exc.field and (message.startswith(exc.field + " ") or message.startswith(exc.field + ":")):
+        message = field + message[len(exc.field):]
+    return FieldError(field, message)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True for host (MemoryError) or accelerator (torch's OutOfMemoryError) memory exhaustion."""
+    return isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+
+
+OUT_OF_MEMORY = ("out of memory: the server ran out of memory running this job; try a smaller size, fewer images "
+                 "or fewer steps")
+
+
+def release_memory() -> None:
+    """Return what a failed job left behind (collect its cycles, empty the CUDA cache)."""
+    gc.collect()
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
 
 
 class JobCancelled(Exception):
@@ -74,8 +127,11 @@ class Task:
         self.preview: str | None = None
         self.result: list[dict[str, Any]] | None = None
         self.error: str | None = None
-        self.status = 200  # HTTP status for a synchronous request: 422 bad input, 500 crash, 409 cancelled
+        self.status = 200  # HTTP status for a synchronous request: 422 bad input, 500 crash, 409 cancelled,
+        # 503 out of memory or cancelled by the server's shutdown
+        self.error_field: str | None = None  # the request field a 422 names
         self.cancel_requested = False
+        self.cancel_reason: tuple[str, int] | None = None  # why and with what status a cancellation ends it
         self.events: list[tuple[int, str, dict[str, Any]]] = []
         self._lock = threading.Lock()
         self._watches: set[Watch] = set()
@@ -199,6 +255,7 @@ class Worker:
         self._finished: deque[str] = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self._draining = False
         self._thread: threading.Thread | None = None
         self._mean_run = 5.0  # seconds, a running mean of task durations (for Retry-After)
 
@@ -210,18 +267,52 @@ class Worker:
             self._thread = threading.Thread(target=self._loop, name="kandinsky-worker", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is queued and running, and stop the thread."""
+    def drain(self, grace: float) -> None:
+        """Begin a graceful stop: refuse new jobs, cancel the queued ones now (their waiting requests answer 503)
+        and let the running one finish for up to ``grace`` seconds before cancelling it at its next step."""
         with self._cond:
-            self._stop = True
+            self._draining = True
             pending, self._pending = list(self._pending), deque()
-            if self.current is not None:
-                self.current.cancel_requested = True
+            running = self.current
             self._cond.notify_all()
         for task in pending:
-            self._finish(task, CANCELLED, "cancelled", {"reason": "server shutting down"})
+            self._finish(task, CANCELLED, "cancelled", {"reason": SHUTDOWN_REASON, "status": 503})
+        if running is None:
+            return
+        if grace <= 0:
+            self._cancel_running(running, SHUTDOWN_REASON, 503)
+        else:
+            log.info("waiting up to %g s for job %s to finish", grace, running.id)
+            timer = threading.Timer(grace, self._cancel_running, (running, SHUTDOWN_REASON, 503))
+            timer.daemon = True
+            timer.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is queued and running, and stop the thread (waiting at most ``timeout`` seconds)."""
+        with self._cond:
+            self._stop = self._draining = True
+            pending, self._pending = list(self._pending), deque()
+            running = self.current
+            self._cond.notify_all()
+        for task in pending:
+            self._finish(task, CANCELLED, "cancelled", {"reason": SHUTDOWN_REASON, "status": 503})
+        if running is not None:
+            self._cancel_running(running, SHUTDOWN_REASON, 503)
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the model worker did not stop within %g s", timeout)
+
+    def _cancel_running(self, task: Task, reason: str, status: int) -> None:
+        with self._cond:
+            if task.state == RUNNING and not task.cancel_requested:
+                task.cancel_reason = (reason, status)
+                task.cancel_requested = True
+
+    @property
+    def draining(self) -> bool:
+        """True once the server has begun to stop (no new jobs are taken)."""
+        return self._draining
 
     @property
     def ready(self) -> bool:
@@ -233,8 +324,8 @@ class Worker:
     def submit(self, job: Job, kind: str = "v1") -> Task:
         """Queue a job as a new task, or raise :class:`QueueFull`."""
         with self._cond:
-            if self._stop:
-                raise QueueFull(self.config.queue_size, 5)
+            if self._stop or self._draining:
+                raise ShuttingDown()
             if len(self._pending) >= self.config.queue_size:
                 self.counts["refused"] += 1
                 running = 1 if self.current is not None else 0
@@ -317,6 +408,12 @@ class Worker:
                 task.emit("started", {}, state=RUNNING)
             try:
                 self._run(task)
+            except Exception as exc:  # noqa: BLE001 - failing the failure (out of memory again...): keep serving
+                log.error("task %s could not be finished:\n%s", task.id, traceback.format_exc())
+                if not task.finished_state:
+                    with contextlib.suppress(Exception):
+                        task.status, task.error, task.finished = 500, f"{type(exc).__name__}: {exc}", time.time()
+                        task.emit("failed", {"error": f"{type(exc).__name__}: {exc}", "status": 500}, state=FAILED)
             finally:
                 with self._cond:
                     self.current = None
@@ -327,27 +424,42 @@ class Worker:
             self._finish(task, FAILED, "failed", {"error": f"the model is not available: {self.model_error}",
                                                  "status": 503})
             return
+        oom = None
         try:
-            plan = self.engine.plan(task.job)
-            check_plan(plan, task.job, self.config)
+            plan = plan_job(self.engine, task.job, self.config, task.kind)
             results = self.engine.run(task.job, Progress(task, self, plan))
             images = []
             for i, (img, record) in enumerate(results):
                 images.append({"image": b64(png_bytes(img, record)), "seed": record.get("seed"),
                                "index": record.get("index", i), "width": img.width, "height": img.height,
                                "parameters": metadata.build_parameters(record), "record": record})
+            del results
             task.result = images
         except JobCancelled:
-            self._finish(task, CANCELLED, "cancelled", {"reason": "cancelled while running"})
+            reason, status = task.cancel_reason or ("cancelled while running", 409)
+            self._finish(task, CANCELLED, "cancelled", {"reason": reason, "status": status})
             return
-        except ValueError as exc:  # bad input the pipeline found (FieldError included)
-            task.status = 422
-            self._finish(task, FAILED, "failed", {"error": str(exc), "status": 422})
+        except JobError as exc:  # bad input the pipeline found (FieldError included)
+            error = request_error(exc, task.kind)
+            task.status, task.error_field = 422, error.field
+            self._finish(task, FAILED, "failed", {"error": str(error), "field": error.field, "status": 422})
+            return
+        except ValueError as exc:  # the pipeline's own checks of its arguments
+            task.status, task.error_field = 422, "body"
+            self._finish(task, FAILED, "failed", {"error": f"body: {exc}", "field": "body", "status": 422})
             return
         except Exception as exc:  # noqa: BLE001 - one task's crash must not stop the worker
-            log.error("task %s failed:\n%s", task.id, traceback.format_exc())
-            task.status = 500
-            self._finish(task, FAILED, "failed", {"error": f"{type(exc).__name__}: {exc}", "status": 500})
+            if not out_of_memory(exc):
+                log.error("task %s failed:\n%s", task.id, traceback.format_exc())
+                task.status = 500
+                self._finish(task, FAILED, "failed", {"error": f"{type(exc).__name__}: {exc}", "status": 500})
+                return
+            oom = f"{type(exc).__name__}: {exc}"
+        if oom is not None:  # out of the except block: the failed call's frames (and tensors) are gone
+            log.error("task %s ran out of memory (%s)", task.id, oom)
+            task.status, task.result = 503, None
+            release_memory()
+            self._finish(task, FAILED, "failed", {"error": OUT_OF_MEMORY, "status": 503})
             return
         self._mean_run = 0.7 * self._mean_run + 0.3 * (time.time() - (task.started or task.created))
         task.progress = {**task.progress, "fraction": 1.0}
@@ -359,7 +471,7 @@ class Worker:
             task.error = data.get("error")
         elif state == CANCELLED:
             task.error = data.get("reason")
-            task.status = 409
+            task.status = data.get("status", 409)
         task.job = task.job.replace(image=None, mask=None, items=None)  # drop the uploads
         task.compact()
         with self._cond:
@@ -372,6 +484,18 @@ class Worker:
         task.emit(event, data, state=state)
 
 
+def plan_job(engine: Engine, job: Job, config: ServerConfig, kind: str = "v1") -> dict[str, Any]:
+    """The engine's plan of ``job``, checked against the limits. An A1111 request has no say over the prior's
+    steps unless it sends the ``prior_steps`` extension: the model's default, capped at ``max_steps``."""
+    plan = engine.plan(job)
+    most = config.limits.max_steps
+    if kind == "a1111" and job.prior_steps is None and (plan.get("prior_steps") or 0) > most:
+        job.prior_steps = most
+        plan = engine.plan(job)
+    check_plan(plan, job, config)
+    return plan
+
+
 def check_plan(plan: dict[str, Any], job: Job, config: ServerConfig) -> None:
     """The limits on the resolved job (sizes from the model's defaults or the input image included)."""
     limits = config.limits
@@ -379,6 +503,6 @@ def check_plan(plan: dict[str, Any], job: Job, config: ServerConfig) -> None:
     if w * h > limits.max_pixels:
         field = "width" if job.width else "image" if job.image is not None else "width"
         raise FieldError(field, f"{w}×{h} = {w * h} pixels is over the limit of {limits.max_pixels}")
-    for key in ("steps", "prior_steps"):
+    for key in ("steps",) if job.mode == "variations" else ("steps", "prior_steps"):  # variations: no prior
         if plan.get(key) and plan[key] > limits.max_steps:
             raise FieldError(key, f"{plan[key]} is over the limit of {limits.max_steps}")
