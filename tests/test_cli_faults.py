@@ -23,6 +23,7 @@ import pytest
 from kandinsky import cli, jobs, metadata
 from kandinsky.cli import batch, commands, morph
 
+pytestmark = pytest.mark.timeout(300)
 ERROR = "kandinsky: error: "
 SMALL = ["-W", "64", "-H", "64", "--steps", "2", "--prior-steps", "2"]
 NAME = re.compile(r"^(\d{5})-.+\.png$")
