@@ -118,6 +118,29 @@ def model_replicas() -> dict[int, dict[str, Any]]:
     return seen
 
 
+# ============================================================================================== deploy files
+
+
+@pytest.mark.timeout(60)
+def test_deploy_files_are_serve_configs_of_this_app() -> None:
+    yaml = pytest.importorskip("yaml")
+    from ray.serve.schema import ServeDeploySchema
+
+    folder = Path(__file__).resolve().parents[1] / "deploy"
+    local = yaml.safe_load((folder / "serve_config.yaml").read_text(encoding="utf-8"))
+    service = yaml.safe_load((folder / "kuberay-rayservice.yaml").read_text(encoding="utf-8"))
+    assert service["kind"] == "RayService"
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert local["http_options"]["host"] == "127.0.0.1"  # loopback unless one chooses otherwise
+    for config in (local, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        ServeDeploySchema.model_validate(config)
+        (application,) = config["applications"]
+        assert application["import_path"] == "kandinsky.ray.app:app_builder"
+        ServeOptions.from_mapping(application["args"]).validate()
+
+
 # ============================================================================================== the cluster
 
 

@@ -156,6 +156,7 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
             write(f"{PROG} ray serve: warning: listening on {options.server.host} without an API key; anyone who "
                   "can reach it can use it (pass --api-key)", sys.stderr)
         count = f"{options.min_replicas}-{options.max_replicas}" if options.autoscaling else options.replicas
+        _check_resources(args, options, ray.cluster_resources())
         note(args, f"deploying {args.name}: {count} model replica(s), {options.threads()} thread(s) each ...")
         url = ray_app.deploy(options, name=args.name)
         if args.json:
@@ -178,6 +179,18 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
         finally:
             if started:
                 ray.shutdown()
+
+
+def _check_resources(args: argparse.Namespace, options: Any, cluster: dict[str, float]) -> None:
+    """Warn when the replicas ask for more CPUs or GPUs than the cluster has now (Serve would wait for them)."""
+    replicas = options.min_replicas or 1 if options.autoscaling else options.replicas
+    need = {"CPU": replicas * options.num_cpus_per_replica + options.ingress_replicas * options.num_cpus_per_ingress,
+            "GPU": replicas * options.num_gpus_per_replica}
+    for kind, amount in need.items():
+        if amount > cluster.get(kind, 0.0) + 1e-9:
+            write(f"{PROG} ray serve: warning: the replicas need {amount:g} {kind}s and the cluster has "
+                  f"{cluster.get(kind, 0.0):g}; Serve waits until enough join (fewer --replicas or a smaller "
+                  f"--num-{kind.lower()}s-per-replica starts now)", sys.stderr)
 
 
 # ================================================================================================ status
