@@ -77,6 +77,8 @@ def test_bad_options_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "give both --min-replicas and --max-replicas" in capsys.readouterr().err
     assert main(["ray", "serve", "--min-replicas", "3", "--max-replicas", "2"]) == 2
     assert "min-replicas <= max-replicas" in capsys.readouterr().err
+    assert main(["ray", "serve", "--model", "/no/such/folder"]) == 2  # refused before a cluster is started
+    assert "decoder model folder not found: /no/such/folder" in capsys.readouterr().err
     assert main(["ray"]) == 2
     assert "choose a ray command: serve, status or batch" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown option replica;"):

@@ -148,6 +148,8 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
     from ..server import _loopback
 
     options = serve_options(args)
+    if not args.address:  # a local cluster sees this machine's folders: refuse missing ones before starting it
+        _check_folders(options.model)
     ray, started = _connect(args)
     from ray import serve
 
@@ -158,7 +160,10 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
         count = f"{options.min_replicas}-{options.max_replicas}" if options.autoscaling else options.replicas
         _check_resources(args, options, ray.cluster_resources())
         note(args, f"deploying {args.name}: {count} model replica(s), {options.threads()} thread(s) each ...")
-        url = ray_app.deploy(options, name=args.name)
+        try:
+            url = ray_app.deploy(options, name=args.name)
+        except RuntimeError as exc:
+            raise CLIError(_deploy_failure(args.name, exc)) from None
         if args.json:
             print_json({"ok": True, "command": "ray serve", "url": url, "app": args.name,
                         "status": ray_app.status(args.name)})
@@ -179,6 +184,31 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
         finally:
             if started:
                 ray.shutdown()
+
+
+def _check_folders(choice: ModelChoice) -> None:
+    from ..weights import hub
+
+    for key, role in (("model", "decoder"), ("prior", "prior"), ("inpaint", "inpaint"), ("original", "original")):
+        given = getattr(choice, key)
+        if given and not hub.is_hub_id(str(given)) and not Path(given).is_dir():
+            raise CLIError(f"{role} model folder not found: {given}")
+
+
+def _deploy_failure(name: str, exc: BaseException) -> str:
+    """Why a deployment failed, from the replicas' own error when Serve reports one."""
+    from ..ray import app as ray_app
+
+    reasons = []
+    try:
+        for deployment, info in (ray_app.status(name).get("deployments") or {}).items():
+            lines = [line.strip() for line in (info.get("message") or "").splitlines() if line.strip()]
+            if lines:
+                reasons.append(f"{deployment}: {lines[-1]}")
+    except Exception:  # noqa: BLE001 - the status is a courtesy; the failure itself is reported below
+        pass
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"deploying {name} failed: {'; '.join(reasons) or first}"
 
 
 def _check_resources(args: argparse.Namespace, options: Any, cluster: dict[str, float]) -> None:

@@ -96,7 +96,8 @@ class ServeOptions:
         if self.num_gpus_per_replica:
             actor["num_gpus"] = self.num_gpus_per_replica
         out: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.batch_size(),
-                               "health_check_period_s": 10, "graceful_shutdown_timeout_s": 20}
+                               "health_check_period_s": 10, "graceful_shutdown_timeout_s": 20,
+                               "max_constructor_retry_count": 3}  # a model that cannot load fails the deploy soon
         if self.autoscaling:
             out["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                          "initial_replicas": max(1, self.min_replicas or 0),
