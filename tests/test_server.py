@@ -11,13 +11,10 @@ import base64
 import io
 import json
 import os
-import socket
 import struct
 import threading
-import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import PIL.Image
@@ -27,9 +24,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
 
-from kandinsky.jobs import Job  # noqa: E402
+from server_helpers import GateEngine, running, sse_events, wait_for  # noqa: E402
+
 from kandinsky.server import Limits, ServerConfig, create_app  # noqa: E402
 
 FAST = {"steps": 2, "prior_steps": 1}  # the bundled model, as few steps as it takes
@@ -39,41 +36,6 @@ WAIT = 120.0  # seconds: generous bounds for polling on a busy 2-core machine
 
 
 # ============================================================================================== helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def wait_for(predicate: Any, timeout: float = WAIT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def png_b64(img: PIL.Image.Image, fmt: str = "PNG") -> str:
@@ -88,67 +50,11 @@ def decode_png(b64: str) -> PIL.Image.Image:
     return img
 
 
-def sse_events(client: httpx.Client, path: str) -> list[tuple[str, dict[str, Any]]]:
-    """Read an event stream to its end: [(event, data)]."""
-    out = []
-    with client.stream("GET", path) as resp:
-        assert resp.status_code == 200
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        event, data = None, ""
-        for line in resp.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-            elif line == "" and event:
-                out.append((event, json.loads(data)))
-                event, data = None, ""
-    return out
-
-
 def error_of(resp: httpx.Response) -> str:
     return resp.json().get("error") or json.dumps(resp.json())
 
 
 # ============================================================================================== fake engine
-
-
-class GateEngine:
-    """A model stand-in: each step waits for ``step()`` from the test, so jobs run exactly when told."""
-
-    def __init__(self, steps: int = 3) -> None:
-        self.steps = steps
-        self.tokens = threading.Semaphore(0)
-        self.running = threading.Event()
-
-    def step(self, n: int = 1) -> None:
-        for _ in range(n):
-            self.tokens.release()
-
-    def load(self) -> None:
-        pass
-
-    def info(self) -> dict[str, Any]:
-        return {"name": "gate", "modes": ["txt2img"]}
-
-    def plan(self, job: Job) -> dict[str, Any]:
-        return {"width": job.width or 8, "height": job.height or 8, "steps": self.steps,
-                "prior_steps": 1, "units": self.steps}
-
-    def run(self, job: Job, report: Any) -> list[tuple[PIL.Image.Image, dict[str, Any]]]:
-        self.running.set()
-        try:
-            for i in range(self.steps):
-                while not self.tokens.acquire(timeout=0.05):
-                    report.check()  # lets a cancellation through while waiting
-                report("decoder", i + 1, self.steps, None)
-        finally:
-            self.running.clear()
-        record = {"mode": job.mode, "prompt": job.prompt, "seed": job.seed, "width": 8, "height": 8}
-        return [(PIL.Image.new("RGB", (8, 8), (200, 30, 30)), record)]
-
-    def preview(self, mode: str, latents: Any, width: int, height: int, fraction: float = 1.0) -> None:
-        return None
 
 
 @pytest.fixture()

@@ -20,7 +20,8 @@ from .config import Limits, ServerConfig, add_serve_arguments, config_from_args
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["Limits", "ServerConfig", "add_serve_arguments", "build_parser", "config_from_args", "create_app", "main"]
+__all__ = ["Limits", "ServerConfig", "add_serve_arguments", "build_parser", "config_from_args", "create_app", "main",
+           "serve"]
 
 
 def create_app(config: ServerConfig | None = None, engine: Any = None) -> FastAPI:
@@ -54,8 +55,6 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         args = argv
     else:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    import uvicorn
-
     from .engine import PipelineEngine
 
     config = config_from_args(args)
@@ -65,6 +64,12 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     app = create_app(config, PipelineEngine(ModelChoice.from_options(args)))
     shown = f"[{config.host}]" if ":" in config.host else config.host
     print(f"kandinsky serve: http://{shown}:{config.port}/  (API docs at /docs; Ctrl+C to stop)", file=sys.stderr)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=5)
+    serve(app, config)
     return 0
+
+
+def serve(app: FastAPI, config: ServerConfig) -> None:
+    """Run ``app`` on uvicorn until SIGINT or SIGTERM, then stop gracefully (see :class:`GracefulServer`)."""
+    from .runner import GracefulServer
+
+    GracefulServer.for_app(app, config).run()

@@ -43,6 +43,7 @@ class ServerConfig:
     preview_every: int = 0  # decoder steps between previews; 0 = about ten per job
     log_level: str = "info"
     threads: int | None = None  # torch intra-op threads of the model worker (None: torch's default)
+    shutdown_grace: float = 15.0  # seconds the running job may take to finish on SIGTERM/Ctrl+C before it is cancelled
     limits: Limits = field(default_factory=Limits)
 
 
@@ -57,6 +58,16 @@ def _positive(name: str) -> Any:
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
+    return value
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,6 +90,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_positive("threads"), default=None, metavar="N",
                    help="CPU threads for the model (default: torch's choice; 1 is faster on a machine whose cores "
                         "are busy with other work)")
+    g.add_argument("--shutdown-grace", type=_seconds, default=ServerConfig.shutdown_grace, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl+C, queued jobs are cancelled at once and the running one may finish for "
+                        f"this long before it is cancelled too (default {ServerConfig.shutdown_grace:g}; a second "
+                        "signal cancels it at once)")
     g.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     c = p.add_argument_group("limits (per request)")
     d = Limits()
@@ -107,4 +122,4 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         keep_jobs=getattr(args, "keep_jobs", ServerConfig.keep_jobs),
                         preview_every=max(0, getattr(args, "preview_every", 0) or 0),
                         log_level=getattr(args, "log_level", "info"), threads=getattr(args, "threads", None),
-                        limits=limits)
+                        shutdown_grace=getattr(args, "shutdown_grace", ServerConfig.shutdown_grace), limits=limits)
