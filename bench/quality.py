@@ -245,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     from kandinsky import Kandinsky21
 
     t0 = time.time()
-    from kandinsky.adapters import parse_spec
+    from kandinsky.jobs import lora_spec
 
     pipe = (Kandinsky21.from_pretrained(decoder=args.decoder, prior=args.prior) if args.decoder
             else Kandinsky21.from_pretrained())
-    pipe.set_loras([parse_spec(spec) for spec in args.lora])
+    pipe.set_loras([lora_spec(spec) for spec in args.lora])
     knobs = {"steps": args.steps, "guidance_scale": args.guidance, "prior_guidance_scale": args.prior_guidance,
              "sampler": args.sampler}
     results, shape_found, per_seed = [], [], []

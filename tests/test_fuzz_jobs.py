@@ -198,11 +198,14 @@ WRONG = {
               [{"text": None}], [{"image": None}], [{"image": ""}], [{"text": "a", "image": "b"}],
               [{"text": "a", "weight": math.nan}], [{"text": "a", "weight": 10**400}], [{"text": "\ud800"}],
               [{"text": "a", "colour": 1}], [{1: "a", "text": "b"}]],
+    "loras": ["a.safetensors", 1, {}, [1], [[1, 1]], [["inputs/good.png", math.nan]], [["inputs/good.png", 1e9]],
+              [["inputs/missing", 1]], ["inputs/missing:0.5"], [["", 1]], [["a\0b", 1]], [["\ud800", 1]],
+              [{"path": "inputs/good.png", "scale": "x"}], [{"name": "x"}], [[None, 1]], [("a", 1, 2)]],
 }
 KIND = {"width": "int", "height": "int", "steps": "int", "prior_steps": "int", "num": "int", "frames": "int",
         "seed": "int", "guidance": "float", "prior_guidance": "float", "strength": "float", "prompt": "str",
         "negative": "str", "sampler": "choice", "interp": "choice", "image": "image", "mask": "image",
-        "items": "items"}
+        "items": "items", "loras": "loras"}
 
 
 def test_wrong_types_for_every_field():

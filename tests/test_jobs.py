@@ -89,7 +89,7 @@ def test_from_dict_refuses_unknown_keys_naming_them():
     with pytest.raises(JobError) as info:
         Job.from_dict({"prompt": "oops", "colour": "red"})
     assert info.value.field == "colour"
-    assert str(info.value).startswith("unknown key colour; use guidance, height, negative, num, prior_guidance")
+    assert str(info.value).startswith("unknown key colour; use guidance, height, loras, negative, num, prior_guidance")
     with pytest.raises(JobError, match="unknown keys mask, strength"):
         Job.from_dict({"prompt": "x", "strength": 0.5, "mask": "m.png"})  # not txt2img's
     with pytest.raises(JobError) as info:

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from test_unet import build_reference, inputs, ours_from, reference_out
 
 from kandinsky import Kandinsky21
-from kandinsky.adapters import Adapters, parse_spec
+from kandinsky.adapters import Adapters
+from kandinsky.jobs import lora_spec as parse_spec
 from kandinsky.weights import lora as lora_files
 
 peft = pytest.importorskip("peft")
@@ -236,3 +238,46 @@ def test_lora_training_lowers_the_loss_resumes_and_loads(tmp_path, fmt):
     finally:
         ft.decoder_loss = real_step
     assert len(calls) == 2 and json.loads(state.read_text())["step"] == 14
+
+
+def _random_adapter(folder: Path, name: str = "demo", seed: int = 0) -> Path:
+    unet = Kandinsky21.from_pretrained().decoder.unet
+    named = dict(unet.named_modules())
+    torch.manual_seed(seed)
+    modules = [n for n in named if n.endswith(("to_q", "to_v"))][:4]
+    lw = lora_files.LoraWeights(name=name, a={m: torch.randn(2, named[m].in_features) * 0.4 for m in modules},
+                                b={m: torch.randn(named[m].out_features, 2) * 0.4 for m in modules},
+                                alpha={m: 2.0 for m in modules})
+    return lora_files.save(lw, folder / name, base_model="bundled")
+
+
+def test_cli_lora_records_and_from_reproduces(tmp_path):
+    from kandinsky import metadata
+    from kandinsky.cli import main
+
+    adapter = _random_adapter(tmp_path)
+    common = ["a red circle", "--seed", "2", "--steps", "2", "--prior-steps", "2", "-q"]
+    assert main(["generate", *common, "--lora", f"{adapter}:0.8", "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", *common, "-o", str(tmp_path / "base.png")]) == 0
+    meta = metadata.read_metadata(tmp_path / "a.png")
+    assert meta["record"]["loras"] == [[str(adapter.resolve()), 0.8]]
+    assert meta["parameters"].splitlines()[0] == "a red circle <lora:demo:0.8>"
+    parsed = metadata.parse_parameters(meta["parameters"])
+    assert parsed["prompt"] == "a red circle" and parsed["loras"] == [[str(adapter.resolve()), 0.8]]
+    assert main(["generate", "--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"), "-q"]) == 0
+
+    def pixels(name):
+        return np.asarray(PIL.Image.open(tmp_path / name))
+
+    assert np.array_equal(pixels("a.png"), pixels("b.png"))
+    assert not np.array_equal(pixels("a.png"), pixels("base.png"))
+    assert main(["generate", *common, "--lora", str(tmp_path / "missing"), "-o", str(tmp_path / "c.png")]) == 2
+    assert main(["generate", *common, "--lora", f"{adapter}:nan", "-o", str(tmp_path / "c.png")]) == 2
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_a1111_lora_tags_are_read():
+    from kandinsky import metadata
+
+    rec = metadata.parse_parameters("a cat <lora:style:0.7> on a mat <lora:other:-1>\nSteps: 20, Seed: 1, Size: 64x64")
+    assert rec["prompt"] == "a cat on a mat" and rec["loras"] == [["style", 0.7], ["other", -1.0]]

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .weights import lora as lora_files
@@ -116,17 +115,6 @@ def name_of(lora: lora_files.LoraWeights) -> str:
     """The adapter's name inside the model: its label and the key of its weights (two files with one label
     stay apart; the same file is loaded once)."""
     return re.sub(r"\W", "_", lora.name)[:40] + "_" + re.sub(r"\W", "_", lora.key)
-
-
-def parse_spec(text: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` (the CLI form) -> (path, scale); the scale defaults to 1."""
-    head, sep, tail = text.rpartition(":")
-    if sep and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail):
-        scale = float(tail)
-        if not torch.isfinite(torch.tensor(scale)):
-            raise ValueError(f"LoRA scale must be a finite number, got {tail!r}")
-        return head, scale
-    return text, 1.0
 
 
 @contextmanager

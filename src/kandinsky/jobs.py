@@ -38,7 +38,7 @@ COMPATS = ("diffusers", "original")  # kandinsky.pipeline.COMPATS
 
 COMMAND_MODE = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint", "mix": "mix",
                 "variations": "variations", "morph": "morph"}
-GEN_KEYS = ("prompt", "negative", "width", "height", "steps", "guidance", "sampler", "seed", "num")
+GEN_KEYS = ("prompt", "negative", "width", "height", "steps", "guidance", "sampler", "seed", "num", "loras")
 PRIOR_KEYS = ("prior_steps", "prior_guidance")
 MODE_KEYS: dict[str, tuple[str, ...]] = {
     "txt2img": GEN_KEYS + PRIOR_KEYS,
@@ -65,6 +65,7 @@ MAX_SIDE = 16384  # width, height: pixels a side
 MAX_STEPS = 1000  # steps, prior_steps: the published noise schedules' length (more steps cannot run)
 MAX_COUNT = 1000  # num, frames, mix/morph items
 MAX_GUIDANCE = 1000.0  # guidance, prior_guidance: far above any useful scale; ~1e30 makes images of NaN
+MAX_LORA_SCALE = 100.0  # |scale| of a LoRA adapter
 
 ModelNotes = dict[str, Any]  # what a record notes about the model: folders, dtype, compat (see load_pipeline)
 Progress = Callable[[int, int], None]
@@ -205,9 +206,12 @@ class Job:
     items: list[Item] | None = None
     frames: int | None = None
     interp: str | None = None
+    loras: list[tuple[str, float]] | None = None  # LoRA adapters: (path, scale); "PATH[:SCALE]" strings accepted
     seed_per_image: bool = False
 
     def __post_init__(self) -> None:
+        if self.loras is not None:
+            self.loras = _lora_list(self.loras)
         if self.items is not None:
             if isinstance(self.items, str | bytes | Mapping) or not isinstance(self.items, Iterable):
                 raise JobError("items", f"{self.mode} items must be a list of {{'text': ...}} or {{'image': ...}}")
@@ -289,6 +293,16 @@ class Job:
         if self.interp is not None and (not isinstance(self.interp, str) or self.interp not in INTERPOLATIONS):
             raise JobError("interp", f"unknown interpolation {_show(self.interp)}; choose one of "
                                      f"{', '.join(INTERPOLATIONS)}")
+        for i, (path, scale) in enumerate(self.loras or []):
+            if not isinstance(path, str | os.PathLike) or not str(path):
+                raise JobError(f"loras[{i}]", f"a LoRA adapter is a path, got {_show(path)}")
+            if not _finite(scale) or abs(scale) > MAX_LORA_SCALE:
+                raise JobError(f"loras[{i}].scale", f"a LoRA scale must be a finite number within "
+                                                    f"±{MAX_LORA_SCALE:g}, got {_show(scale)}")
+            if (why := _unicode_error(str(path))) or "\x00" in str(path):
+                raise JobError(f"loras[{i}]", f"the LoRA path is not a valid path: {why or 'a NUL character'}")
+            if not Path(path).exists():
+                raise JobError(f"loras[{i}]", f"LoRA adapter not found: {_show(str(path), 300)}")
         if mode in ("txt2img", "img2img", "inpaint") and self.prompt is None:
             raise JobError("prompt", "no prompt given; pass PROMPT or --prompt")
         if mode in ("img2img", "inpaint", "variations"):
@@ -342,6 +356,10 @@ class Job:
                 value = str(value) if _is_path(value) else UPLOAD
             elif f.name == "items":
                 value = [it.to_record() for it in value]
+            elif f.name == "loras":
+                if not value:
+                    continue
+                value = [[str(path), scale] for path, scale in value]
             out[f.name] = value
         return out
 
@@ -349,6 +367,33 @@ class Job:
     def texts(self) -> list[str]:
         """The prompts of the items (mix, morph)."""
         return [it.text for it in self.items or [] if it.text is not None]
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``"PATH[:SCALE]"`` (the CLI form) -> (path, scale); the scale is 1 when absent (``C:/x`` is a path)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*|\s*[-+]?(inf|nan)\s*", tail, re.I):
+        return head, float(tail)
+    return text, 1.0
+
+
+def _lora_list(value: Any) -> list[tuple[Any, Any]]:
+    """LoRA adapters as (path, scale) pairs from pairs, ``{"path": ..., "scale": ...}`` mappings or
+    ``"PATH[:SCALE]"`` strings (scale 1 when absent); values are checked by :meth:`Job.validate`."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise JobError("loras", f"loras must be a list of [path, scale] pairs, got {_show(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str):
+            out.append(lora_spec(entry))
+        elif isinstance(entry, Mapping) and "path" in entry and set(entry) <= {"path", "scale"}:
+            out.append((entry["path"], entry.get("scale", 1.0)))
+        elif isinstance(entry, list | tuple) and len(entry) == 2:
+            out.append((entry[0], entry[1]))
+        else:
+            raise JobError(f"loras[{i}]", f"a LoRA adapter is PATH[:SCALE], [path, scale] or {{'path', 'scale'}}, "
+                                          f"got {_show(entry)}")
+    return out
 
 
 def _given(value: Any) -> bool:
@@ -475,6 +520,14 @@ def run(pipe: Kandinsky21, job: Job, progress: Progress | None = None, *, model:
     """
     if job.seed is None:
         job = job.replace(seed=new_seed())
+    if job.loras:
+        with pipe.loras([(Path(path), float(scale)) for path, scale in job.loras]):
+            return _run(pipe, job, progress, model, frames)
+    return _run(pipe, job, progress, model, frames)
+
+
+def _run(pipe: Kandinsky21, job: Job, progress: Progress | None, model: ModelNotes | None,
+         frames: Sequence[int] | None) -> list[Output]:
     if job.mode == "morph":
         return run_morph(pipe, job, frames, progress, model=model)
     if job.seed_per_image:

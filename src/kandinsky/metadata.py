@@ -50,6 +50,7 @@ FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("Morph frames", "frames", int),
     ("Morph frame", "frame", int),
     ("Interpolation", "interp", str),
+    ("LoRA", "loras", "json"),
     ("Dtype", "dtype", str),
     ("Compat", "compat", str),
     ("Version", "version", str),
@@ -85,8 +86,11 @@ def model_label(record: dict[str, Any]) -> str:
 
 
 def build_parameters(record: dict[str, Any]) -> str:
-    """The AUTOMATIC1111 ``parameters`` text of a record (prompt, ``Negative prompt:`` line, settings line)."""
-    lines = [record.get("prompt") or ""]
+    """The AUTOMATIC1111 ``parameters`` text of a record (prompt, ``Negative prompt:`` line, settings line).
+
+    LoRA adapters appear as A1111 does, ``<lora:NAME:SCALE>`` after the prompt, and (with their paths) as the
+    ``LoRA`` setting."""
+    lines = [(record.get("prompt") or "") + lora_tags(record.get("loras"))]
     if record.get("negative") is not None:
         lines.append(f"Negative prompt: {record['negative']}")
     params: list[tuple[str, Any]] = []
@@ -110,11 +114,35 @@ def build_parameters(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_LORA_TAG = re.compile(r"\s*<lora:([^:<>]+):([-+0-9.eE]+)>")
+
+
+def lora_label(path: str) -> str:
+    """An adapter's name in ``<lora:NAME:SCALE>``: its file name without the suffix, or its folder's name."""
+    name = re.split(r"[\\/]", str(path).rstrip("/\\"))[-1]
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def lora_tags(loras: Any) -> str:
+    """`` <lora:NAME:SCALE>`` for each (path, scale) of a record (empty for none or a malformed value)."""
+    if not isinstance(loras, list):
+        return ""
+    return "".join(f" <lora:{lora_label(e[0])}:{e[1]:g}>" for e in loras
+                   if isinstance(e, list | tuple) and len(e) == 2 and isinstance(e[1], int | float))
+
+
 def _sampler_id(name: str) -> str:
     for key, label in SAMPLER_NAMES.items():
         if name.lower() in (key, label.lower()):
             return key
     return name
+
+
+def _float_text(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
@@ -135,8 +163,12 @@ def parse_parameters(text: str) -> dict[str, Any]:
             negative.append(line)
         else:
             prompt.append(line)
-    record: dict[str, Any] = {"prompt": "\n".join(prompt),
+    text = "\n".join(prompt)
+    tags = [(name, float(scale)) for name, scale in _LORA_TAG.findall(text) if _float_text(scale)]
+    record: dict[str, Any] = {"prompt": _LORA_TAG.sub("", text) if tags else text,
                               "negative": None if negative is None else "\n".join(negative)}
+    if tags:  # A1111's own images name adapters only by tag; ours also carry the paths (the LoRA setting)
+        record["loras"] = [[name, scale] for name, scale in tags]
     types = {name: (key, kind) for name, key, kind in FIELDS}
     extra: dict[str, str] = {}
     for name, raw in _PARAM.findall(last):

@@ -22,13 +22,14 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..jobs import Unavailable
 from . import parser as _parser
 from .commands import cmd_convert, cmd_download, cmd_images, cmd_info, cmd_serve
 from .common import EXIT_CRASH, EXIT_ERROR, EXIT_INTERRUPTED, PROG, CLIError, one_line, print_json
 from .morph import cmd_morph
+from .ray import add_ray_parsers, cmd_ray  # Ray itself is imported only when a command runs
 
 __all__ = ["CLIError", "HANDLERS", "build_parser", "main"]
 
@@ -39,9 +40,13 @@ HANDLERS: dict[str, _parser.Handler] = {
 }
 
 
+def _add_ray(command: Callable[..., _parser.Parser]) -> None:
+    add_ray_parsers(command("ray", "serve and batch on a Ray cluster: serve, status, batch (kandinsky[ray])", cmd_ray))
+
+
 def build_parser(argv: Sequence[str] = ()) -> _parser.Parser:
     """The full ``kandinsky`` parser. ``argv`` decides whether ``train``/``finetune`` are imported."""
-    return _parser.build_parser(HANDLERS, argv)
+    return _parser.build_parser(HANDLERS, argv, extra=(_add_ray,))
 
 
 def _fail(message: str, code: int, as_json: bool) -> int:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..jobs import MODE_KEYS, ModelChoice, mix_weights
+from ..jobs import MODE_KEYS, ModelChoice, lora_spec, mix_weights
 from ..weights import hub
 from .common import CLIError, note
 
@@ -57,6 +57,8 @@ def job_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             value = items_from_args(value, mode, getattr(args, "raw_weights", False))
         elif key in ("image", "mask") and value is not None:
             value = str(Path(value).resolve())
+        elif key == "loras" and value is not None:
+            value = [(str(Path(path).resolve()), scale) for path, scale in (lora_spec(v) for v in value)]
         if value is not None:
             job[key] = value
     if getattr(args, "fast", False):

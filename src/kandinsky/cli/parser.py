@@ -111,6 +111,9 @@ def gen_flags(p: argparse.ArgumentParser, *, prior: bool = True, num: bool = Tru
                    help="the fast preset for unset options (kandinsky.pipeline.PRESETS['fast'], docs/benchmarks.md)")
     g.add_argument("-s", "--seed", metavar="S", type=int_type("seed", 0),
                    help="random seed (random when absent; always printed)")
+    g.add_argument("--lora", dest="loras", action="append", metavar="PATH[:SCALE]",
+                   help="apply a LoRA adapter (a peft folder or a .safetensors file) with a scale (1); repeatable, "
+                        "the adapters mix")
     if num:
         g.add_argument("--num", metavar="N", type=int_type("num", 1),
                        help="images per prompt, drawn from one generator (1)")
@@ -137,9 +140,11 @@ def line_parser(mode: str) -> Parser:
 # ================================================================================================ the parser
 
 
-def build_parser(handlers: Mapping[str, Handler], argv: Sequence[str] = ()) -> Parser:
+def build_parser(handlers: Mapping[str, Handler], argv: Sequence[str] = (),
+                 extra: Sequence[Callable[[Callable[..., Parser]], None]] = ()) -> Parser:
     """The full ``kandinsky`` parser; ``handlers`` maps each command to its function (``args.func``).
-    ``argv`` decides whether ``train``/``finetune`` are imported."""
+    ``argv`` decides whether ``train``/``finetune`` are imported; each of ``extra`` adds commands through the
+    ``command(name, help, func)`` it is given."""
     from .. import __version__
 
     parser = Parser(prog=PROG, description="Kandinsky 2.1 text-to-image: generate, mix, edit and morph images.",
@@ -241,9 +246,8 @@ def build_parser(handlers: Mapping[str, Handler], argv: Sequence[str] = ()) -> P
     add_model_arguments(p)
     output_flags(p)
 
-    from .ray import add_ray_parsers, cmd_ray  # here: .ray imports this module; it imports no Ray until run
-
-    add_ray_parsers(command("ray", "serve and batch on a Ray cluster: serve, status, batch (kandinsky[ray])", cmd_ray))
+    for add in extra:  # commands whose modules build on this one (kandinsky ray)
+        add(command)
     _add_train(sub, command, argv)
     return parser
 
