@@ -2,11 +2,15 @@
 kandinsky.server`` (uvicorn on 127.0.0.1, the bundled model, caps of 64×64, 2 steps, 1 image).
 
 Each operation gets a fixed budget of positive (schema-valid) and negative (schema-invalid) cases, derandomized so
-CI sees the same cases every run; positive cases of the image routes sometimes carry real small images in their
-image fields, so the decoding and the model run too. Every response must be: no 5xx; a documented status code
-and content type; a body that matches the documented response schema; for 4xx a JSON body with ``detail``, and
-for 422 an ``error`` line that begins with the offending field. Afterwards the server is alive, its log has no
-traceback, and its resident memory is within 100 MB of the value after the warm-up.
+CI sees the same cases every run (what they get back can still vary with timing: a full queue answers 429).
+Positive cases of the generation routes are often fitted to the caps (steps, sizes, counts) and given real small
+images in their image fields, so that decoding and the model run too, with the prompts, guidance scales, samplers,
+strengths and weights schemathesis drew. Every response must be: no 5xx; a documented status code and content
+type; a body that matches the documented response schema; for 4xx a JSON body with ``detail``, and for 422 an
+``error`` line that begins with the offending field. Afterwards the server is alive, its log has no traceback,
+and its resident memory is within 100 MB of the value after the warm-up (it levels off at about +50 MB).
+The number of cases per operation, with the statuses they got, is printed. ``KANDINSKY_FUZZ_SCALE=10`` multiplies
+the budget for a longer local run.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ SERVER_ARGS = ["--max-pixels", str(64 * 64), "--max-steps", "2", "--max-images",
 BUDGET = {"POST /v1/txt2img": 80, "POST /v1/img2img": 80, "POST /v1/inpaint": 80, "POST /v1/mix": 80,
           "POST /v1/variations": 60, "POST /sdapi/v1/txt2img": 60, "POST /sdapi/v1/img2img": 80}
 DEFAULT_BUDGET = 20
+SCALE = float(os.environ.get("KANDINSKY_FUZZ_SCALE", "1"))
 RSS_SLACK = 100 * 2**20
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 IMAGE_FIELDS = ("image", "mask", "init_images")
@@ -176,13 +181,13 @@ def error_body_names_the_field(case: Any, response: requests.Response) -> str | 
         if not isinstance(error, str):
             return f"422 without an 'error' line: {response.text[:300]!r}"
         m = FIELD.match(error)
-        if m is None or m.group("name") not in names:
+        if (m is None or m.group("name") not in names) and not any(error.startswith(f"{n}: ") for n in names):
             return f"422 error does not begin with a field of the request: {error[:300]!r}"
         for item in body["detail"] if isinstance(body["detail"], list) else []:
             loc = [str(p) for p in item.get("loc") or []]
             if loc[:1] in (["body"], ["query"], ["path"], ["header"]) and len(loc) > 1:
                 loc = loc[1:]
-            if not loc or loc[0] not in names:
+            if not loc or loc[0] not in names:  # loc[0]: a property, a parameter or a key the body had
                 return f"422 detail does not name a field of the request: {item}"
     return None
 
@@ -230,8 +235,6 @@ def _fuzz_operation(url: str, operation: Any, mode: GenerationMode, budget: int,
                             f"{case.as_curl_command()}")
             return
         statuses.setdefault(f"{label} [{mode.value}]", Counter())[response.status_code] += 1
-        if os.environ.get("FUZZ_DEBUG") and response.status_code == 422 and mode is GenerationMode.POSITIVE:
-            print("DEBUG", label, extra["plan"], response.json().get("error", "")[:90])
         try:
             case.validate_response(response, checks=checks)
         except FailureGroup as exc:
@@ -248,6 +251,7 @@ def _fuzz_operation(url: str, operation: Any, mode: GenerationMode, budget: int,
         pass  # no schema-invalid value exists for this operation (e.g. only free-form strings)
 
 
+@pytest.mark.timeout(900)
 def test_fuzz_every_operation(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     url = server.url
     with httpx.Client(base_url=url, timeout=120) as c:  # warm-up: every mode and size the fuzzing runs, twice
@@ -285,8 +289,8 @@ def test_fuzz_every_operation(server: ServerProcess, capsys: pytest.CaptureFixtu
     with requests.Session() as session:
         for op in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                _fuzz_operation(url, op, mode, BUDGET.get(op.label, DEFAULT_BUDGET), counts, statuses, failures,
-                                session, job_ids)
+                budget = round(SCALE * BUDGET.get(op.label, DEFAULT_BUDGET))
+                _fuzz_operation(url, op, mode, budget, counts, statuses, failures, session, job_ids)
     elapsed = time.monotonic() - started
 
     with capsys.disabled():

@@ -24,11 +24,11 @@ __all__ = ["Limits", "ServerConfig", "add_serve_arguments", "build_parser", "con
            "serve"]
 
 
-def create_app(config: ServerConfig | None = None, engine: Any = None) -> FastAPI:
+def create_app(config: ServerConfig | None = None, engine: Any = None, worker: Any = None) -> FastAPI:
     """The FastAPI application (see :func:`kandinsky.server.app.create_app`)."""
     from .app import create_app as _create
 
-    return _create(config, engine)
+    return _create(config, engine, worker)
 
 
 def _loopback(host: str) -> bool:

@@ -175,12 +175,15 @@ def build_job(mode: str, req: Any, limits: Limits) -> Job:
 # ================================================================================================ the app
 
 
-def create_app(config: ServerConfig | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(config: ServerConfig | None = None, engine: Engine | None = None, worker: Any = None) -> FastAPI:
     """The server application. ``engine`` defaults to the bundled model (loaded by the worker thread at
-    start-up, so /healthz answers at once and reports ``model: loading`` until it is ready)."""
+    start-up, so /healthz answers at once and reports ``model: loading`` until it is ready). ``worker``: another
+    object with the :class:`~kandinsky.server.worker.Worker` interface (default: a ``Worker`` on ``engine``)."""
     config = config or ServerConfig()
-    engine = engine if engine is not None else PipelineEngine()
-    worker = Worker(engine, config)
+    if engine is None:
+        engine = worker.engine if worker is not None else PipelineEngine()
+    if worker is None:
+        worker = Worker(engine, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -208,6 +211,8 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
             msg = e.get("msg", "invalid")
             if e.get("type") == "value_error" and msg.startswith("Value error, "):  # our validators' own words
                 msg = msg[len("Value error, "):]
+            elif e.get("type") == "extra_forbidden":  # a misspelt option, most likely
+                msg = "unknown field (misspelt? /docs lists this route's fields)"
             loc = list(e.get("loc") or ())
             if e.get("type") == "json_invalid":  # FastAPI's loc is ("body", character offset)
                 at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
@@ -255,7 +260,7 @@ def _submitter(worker: Worker, config: ServerConfig) -> Callable[..., Any]:
     async def submit(make_job: Callable[[], Job], kind: str = "v1") -> Task:
         """Build the job off the event loop (uploads are decoded there), check it against the model, queue it.
         A :class:`JobError` names the request's field (``kind``: ``v1`` or ``a1111``)."""
-        if worker.draining:
+        if getattr(worker, "draining", False):
             raise ShuttingDown()
         try:
             job = await run_in_threadpool(make_job)
