@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -368,11 +368,14 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
                               "description": "Server-Sent Events: queued, started, progress, preview "
                                              "(base64 PNG), then done (the result), failed or cancelled"},
                         **NOT_FOUND})
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    async def job_events(job_id: str, last_event_id: str | None = Header(
+            None, alias="Last-Event-ID", description="resume after this event (a browser's EventSource sends it "
+                                                     "when it reconnects); anything but an event id: from the start")
+    ) -> StreamingResponse:
         """Follow a job: every event from the start (or after ``Last-Event-ID``), until it finishes."""
         task = find(job_id)
         try:
-            start = int(request.headers.get("last-event-id", "-1")) + 1
+            start = max(0, int(last_event_id or "-1") + 1)
         except ValueError:
             start = 0
         return StreamingResponse(_sse(task, start), media_type="text/event-stream",
