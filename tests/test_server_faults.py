@@ -6,6 +6,8 @@ Every test has a timeout (pytest-timeout) and every wait is bounded, so a fault 
 
 from __future__ import annotations
 
+import base64
+import io
 import signal
 import subprocess
 import threading
@@ -200,9 +202,6 @@ def test_too_large_requests_are_refused_up_front() -> None:
     limits = Limits(max_pixels=64 * 64, max_steps=4, max_images=1, max_items=2, max_upload_pixels=128 * 128)
     app = create_app(ServerConfig(limits=limits, log_level="critical"), engine)
     big = PIL.Image.new("RGB", (100, 100), "red")
-    import base64
-    import io
-
     buf = io.BytesIO()
     big.save(buf, format="PNG")
     big_b64 = base64.b64encode(buf.getvalue()).decode()

@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -86,8 +87,6 @@ OUT_OF_MEMORY = ("out of memory: the server ran out of memory running this job; 
 def release_memory() -> None:
     """Return what a failed job left behind (collect its cycles, empty the CUDA cache)."""
     gc.collect()
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         with contextlib.suppress(Exception):
