@@ -281,3 +281,43 @@ def test_a1111_lora_tags_are_read():
 
     rec = metadata.parse_parameters("a cat <lora:style:0.7> on a mat <lora:other:-1>\nSteps: 20, Seed: 1, Size: 64x64")
     assert rec["prompt"] == "a cat on a mat" and rec["loras"] == [["style", 0.7], ["other", -1.0]]
+
+
+def test_server_offers_adapters_by_name_and_leaves_the_base_alone(tmp_path):
+    """`--lora-dir`: /v1/models lists the adapters; a request names one (or A1111's <lora:NAME:SCALE>); the next
+    request without it gives the base image bit for bit; unknown names are a 422 naming the field."""
+    import base64
+    import io
+
+    import httpx
+    from server_helpers import running, wait_for
+
+    from kandinsky.server.app import create_app
+    from kandinsky.server.config import ServerConfig
+
+    library = tmp_path / "loras"
+    library.mkdir()
+    _random_adapter(library, "style")
+    app = create_app(ServerConfig(log_level="warning", threads=1, lora_dir=str(library)))
+    body = {"prompt": "a red circle", "seed": 3, "steps": 2, "prior_steps": 2, "width": 64, "height": 64}
+
+    def image(resp):
+        assert resp.status_code == 200, resp.text
+        return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(resp.json()["images"][0]["image"]))))
+
+    with running(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+        wait_for(lambda: c.get("/healthz").json()["model"] == "ready", what="the model")
+        listed = c.get("/v1/models").json()["loras"]
+        assert [x["name"] for x in listed] == ["style"]
+        base = image(c.post("/v1/txt2img", json=body))
+        adapted = image(c.post("/v1/txt2img", json={**body, "loras": [{"name": "style", "scale": 0.9}]}))
+        again = image(c.post("/v1/txt2img", json=body))
+        assert np.array_equal(base, again) and not np.array_equal(base, adapted)
+        a1111 = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle <lora:style:0.9>", "seed": 3, "steps": 2,
+                                                   "prior_steps": 2, "width": 64, "height": 64})
+        assert a1111.status_code == 200, a1111.text
+        assert "<lora:style:0.9>" in a1111.json()["info"]
+        bad = c.post("/v1/txt2img", json={**body, "loras": [{"name": "../style", "scale": 1}]})
+        assert bad.status_code == 422 and bad.json()["error"].startswith("loras[0].name: unknown LoRA adapter")
+        bad = c.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:nope:1>", "steps": 2, "width": 64, "height": 64})
+        assert bad.status_code == 422 and "unknown LoRA adapter 'nope'" in bad.text

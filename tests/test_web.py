@@ -227,3 +227,34 @@ def test_api_key_prompt_and_cancel(browser: Any) -> None:
         assert page.evaluate("localStorage.getItem('kandinsky.apiKey')") == "s3cret"
         context.close()
         engine.step(100)
+
+
+def test_lora_picker(browser: Any, tmp_path: Path) -> None:
+    """A server with --lora-dir shows a LoRA picker; the chosen adapter and scale reach the image's parameters."""
+    from test_lora import _random_adapter
+
+    library = tmp_path / "loras"
+    library.mkdir()
+    _random_adapter(library, "style")
+    app = create_app(ServerConfig(log_level="warning", threads=1, lora_dir=str(library)))
+    with running(app) as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_selector("#status.ready")
+        assert page.is_visible("#lora-row")
+        assert page.locator("#lora option").all_inner_texts() == ["none", "style"]
+        page.select_option("#lora", "style")
+        page.fill("#lora-scale", "0.9")
+        page.fill("#prompt", "a red circle")
+        set_fast(page, steps=4)
+        page.click("#generate")
+        card = wait_cards(page, "txt2img")
+        href = card.locator("a.download").get_attribute("href")
+        img = PIL.Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1])))
+        assert img.info["parameters"].splitlines()[0] == "a red circle <lora:style:0.9>"
+        assert not errors, errors
+        context.close()

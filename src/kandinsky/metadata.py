@@ -117,6 +117,11 @@ def build_parameters(record: dict[str, Any]) -> str:
 _LORA_TAG = re.compile(r"\s*<lora:([^:<>]+):([-+0-9.eE]+)>")
 
 
+def lora_tag_pattern() -> re.Pattern[str]:
+    """The regular expression of A1111's ``<lora:NAME:SCALE>`` prompt tags (name, scale groups)."""
+    return _LORA_TAG
+
+
 def lora_label(path: str) -> str:
     """An adapter's name in ``<lora:NAME:SCALE>``: its file name without the suffix, or its folder's name."""
     name = re.split(r"[\\/]", str(path).rstrip("/\\"))[-1]

@@ -24,6 +24,7 @@ from ..jobs import MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, Job, new_seed
 from .config import ServerConfig
 from .errors import ERROR_RESPONSES, task_field_error
 from .images import FieldError, decode_image, decode_mask
+from .loras import LoraLibrary, split_prompt_tags
 from .schemas import sampler_names
 from .worker import Task, Worker
 
@@ -91,7 +92,9 @@ def _job(mode: str, req: A1111Txt2Img, config: ServerConfig) -> Job:
     if width * height > limits.max_pixels:
         raise FieldError("width", f"{width}×{height} = {width * height} pixels is over the limit of "
                                   f"{limits.max_pixels}")
-    job = Job(mode=mode, prompt=req.prompt, negative=req.negative_prompt or None, width=width, height=height,
+    prompt, tags = split_prompt_tags(req.prompt)  # A1111 chooses adapters with <lora:NAME:SCALE> in the prompt
+    loras = LoraLibrary(config.lora_dir).resolve(tags, field="prompt") if tags else None
+    job = Job(mode=mode, prompt=prompt, negative=req.negative_prompt or None, width=width, height=height, loras=loras,
               steps=req.steps, prior_steps=req.prior_steps, guidance=req.cfg_scale,
               sampler=sampler_id(req.sampler_name or req.sampler_index),
               seed=req.seed if req.seed >= 0 else new_seed(), num=count, seed_per_image=True)

@@ -26,6 +26,8 @@ from .config import Limits, ServerConfig
 from .engine import Engine, PipelineEngine, round64
 from .errors import ERROR_RESPONSES, NOT_FOUND, field_error_response, task_field_error
 from .images import FieldError, decode_image, decode_mask
+from .loras import LoraLibrary
+from .loras import describe as describe_loras
 from .schemas import (
     GenerationResponse,
     Img2ImgRequest,
@@ -134,7 +136,7 @@ def _where(loc: Any) -> str:
     return out or "body"
 
 
-def _decoder_fields(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
+def _decoder_fields(mode: str, req: Any, limits: Limits, library: LoraLibrary | None = None) -> dict[str, Any]:
     """The job fields every mode shares, with the per-request caps checked."""
     if req.num_images > limits.max_images:
         raise FieldError("num_images", f"{req.num_images} is over the limit of {limits.max_images} images per request")
@@ -150,12 +152,15 @@ def _decoder_fields(mode: str, req: Any, limits: Limits) -> dict[str, Any]:
                               "seed": req.seed if req.seed is not None else new_seed(), "num": req.num_images}
     if hasattr(req, "prior_steps"):
         fields.update(prior_steps=req.prior_steps, prior_guidance=req.prior_guidance_scale)
+    if req.loras:
+        fields["loras"] = (library or LoraLibrary(None)).resolve((r.name, r.scale) for r in req.loras)
     return fields
 
 
-def build_job(mode: str, req: Any, limits: Limits) -> Job:
-    """The job of a ``/v1`` request: caps checked, uploads decoded (sizes checked before decoding), validated."""
-    job = Job(mode=mode, prompt=req.prompt, **_decoder_fields(mode, req, limits))
+def build_job(mode: str, req: Any, limits: Limits, library: LoraLibrary | None = None) -> Job:
+    """The job of a ``/v1`` request: caps checked, uploads decoded (sizes checked before decoding), adapters
+    looked up by name, validated."""
+    job = Job(mode=mode, prompt=req.prompt, **_decoder_fields(mode, req, limits, library))
     if mode in ("img2img", "inpaint", "variations"):
         job.image = decode_image(req.image, "image", limits)
     if mode == "img2img":
@@ -199,6 +204,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None,
                               "route answers when the image is ready, or at once with `?async=true` (then follow "
                               "`GET /v1/jobs/{id}` or the event stream `GET /v1/jobs/{id}/events`).")
     app.state.worker, app.state.config, app.state.engine = worker, config, engine
+    app.state.loras = LoraLibrary(config.lora_dir)
     app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
     if config.api_key:
         app.add_middleware(BearerAuth, key=config.api_key)  # added last = runs first
@@ -300,7 +306,7 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
         202: {"model": JobAccepted, "description": "with ?async=true: the job was queued"}, **ERROR_RESPONSES}
 
     async def run(request_mode: str, req: Any, is_async: bool) -> Any:
-        task = await submit(lambda: build_job(request_mode, req, config.limits))
+        task = await submit(lambda: build_job(request_mode, req, config.limits, app.state.loras))
         if is_async:
             return JSONResponse(status_code=202, content={
                 "id": task.id, "state": task.state, "queue_position": worker.position(task),
@@ -385,7 +391,8 @@ def _add_v1_routes(app: FastAPI, worker: Worker, config: ServerConfig) -> None:
     async def models() -> dict[str, Any]:
         """The loaded model, its modes and defaults, the samplers and this server's limits."""
         return {"models": [worker.engine.info()], "state": worker.model_state,
-                "samplers": list(sampler_names()), "limits": config.limits.as_dict(),
+                "samplers": list(sampler_names()), "loras": describe_loras(app.state.loras),
+                "limits": config.limits.as_dict(),
                 "queue_size": config.queue_size, "auth": bool(config.api_key)}
 
     @app.get("/healthz", tags=["server"])

@@ -43,6 +43,7 @@ class ServerConfig:
     preview_every: int = 0  # decoder steps between previews; 0 = about ten per job
     log_level: str = "info"
     threads: int | None = None  # torch intra-op threads of the model worker (None: torch's default)
+    lora_dir: str | None = None  # LoRA adapters offered by name (server/loras.py)
     shutdown_grace: float = 15.0  # seconds the running job may take to finish on SIGTERM/Ctrl+C before it is cancelled
     limits: Limits = field(default_factory=Limits)
 
@@ -94,6 +95,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM or Ctrl+C, queued jobs are cancelled at once and the running one may finish for "
                         f"this long before it is cancelled too (default {ServerConfig.shutdown_grace:g}; a second "
                         "signal cancels it at once)")
+    g.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="LoRA adapters offered by name: DIR/NAME/ (peft or diffusers files) or DIR/NAME.safetensors; "
+                        "GET /v1/models lists them, requests choose them with 'loras' (A1111: <lora:NAME:SCALE>)")
     g.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     c = p.add_argument_group("limits (per request)")
     d = Limits()
@@ -122,4 +126,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         keep_jobs=getattr(args, "keep_jobs", ServerConfig.keep_jobs),
                         preview_every=max(0, getattr(args, "preview_every", 0) or 0),
                         log_level=getattr(args, "log_level", "info"), threads=getattr(args, "threads", None),
-                        shutdown_grace=getattr(args, "shutdown_grace", ServerConfig.shutdown_grace), limits=limits)
+                        shutdown_grace=getattr(args, "shutdown_grace", ServerConfig.shutdown_grace), limits=limits,
+                        lora_dir=getattr(args, "lora_dir", None))

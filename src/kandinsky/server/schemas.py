@@ -27,6 +27,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraRef(_Strict):
+    """A LoRA adapter of this server (``GET /v1/models`` lists them) and its scale."""
+
+    name: str = Field(..., min_length=1, max_length=200, description="the adapter's name")
+    scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False, description="its strength (1: as trained)")
+
+
 class _Decoder(_Strict):
     negative_prompt: str | None = Field(None, description="negative prompt")
     width: int | None = Field(None, ge=8, le=MAX_SIDE, multiple_of=8,
@@ -40,6 +47,8 @@ class _Decoder(_Strict):
                                                   "model's)",
                                 json_schema_extra={"enum": [*SAMPLER_CHOICES, None]})
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when absent; returned either way")
+    loras: list[LoraRef] | None = Field(None, max_length=8, description="LoRA adapters to apply, mixed with their "
+                                                                       "scales (GET /v1/models lists them)")
     num_images: int = Field(1, ge=1, le=MAX_COUNT, description="images, drawn from one generator")
 
     @field_validator("sampler")

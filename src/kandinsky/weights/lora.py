@@ -148,6 +148,19 @@ def read(path: str | Path, name: str | None = None) -> LoraWeights:
     return lora
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of an adapter (our safetensors header entry) without reading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        file = path / DIFFUSERS_FILE
+    with safe_open(str(file), framework="pt") as f:
+        header = f.metadata() or {}
+    return json.loads(header[META_KEY]) if META_KEY in header else {}
+
+
 def check(lora: LoraWeights, model: nn.Module) -> None:
     """Raise ValueError naming the first key of ``lora`` that does not fit ``model`` (a missing module, or
     lora_A/lora_B shapes that do not match the module's in/out features)."""

@@ -85,6 +85,18 @@
         o.value = o.textContent = name;
         sel.appendChild(o);
       }
+      const lora = $("lora");
+      const chosen = lora.value;
+      lora.innerHTML = '<option value="">none</option>';
+      for (const item of info.loras || []) {
+        const o = document.createElement("option");
+        o.value = item.name;
+        o.textContent = item.name + (item.trigger_words && item.trigger_words.length
+          ? " (" + item.trigger_words.join(", ") + ")" : "");
+        lora.appendChild(o);
+      }
+      lora.value = chosen;
+      $("lora-row").hidden = !(info.loras && info.loras.length);
       if (model.defaults) {
         applyDefaults(model.defaults);
       }
@@ -347,6 +359,7 @@
       width: num("width"), height: num("height"), steps: num("steps"), guidance_scale: num("guidance"),
       sampler: $("sampler").value || null, seed: num("seed"), num_images: num("num") || 1,
     };
+    if ($("lora").value) body.loras = [{ name: $("lora").value, scale: num("lora-scale") ?? 1 }];
     if (mode !== "variations") {
       body.prior_steps = num("prior-steps");
       body.prior_guidance_scale = num("prior-guidance");
@@ -557,6 +570,12 @@
       }
       if (rec.guidance != null) $("guidance").value = rec.guidance;
       if (rec.sampler) $("sampler").value = rec.sampler;
+      const used = (rec.loras || [])[0];
+      const name = used ? String(used[0]).split(/[\\/]/).pop().replace(/\.safetensors$/, "") : "";
+      if ([...$("lora").options].some((o) => o.value === name)) {
+        $("lora").value = name;
+        $("lora-scale").value = used[1];
+      } else $("lora").value = "";
       $("seed").value = im.seed;
       syncOutputs();
       return;
