@@ -99,3 +99,17 @@ def fast_paths(request):
         yield request.param
     finally:
         fastpath.set_enabled(None)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled model's ``jobs.Loaded`` (decoder, prior and inpainting decoder) on one torch thread (faster on
+    2 busy cores, and as deterministic)."""
+    from kandinsky import jobs
+
+    if not jobs.bundled_inpaint():
+        pytest.skip("no bundled model")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield jobs.load_pipeline(jobs.ModelChoice(), ("decoder", "prior", "inpaint"))
+    torch.set_num_threads(old)

@@ -34,18 +34,6 @@ def cases(tmp_path_factory) -> dict[str, corpus.Case]:
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    import torch
-
-    if not jobs.bundled_inpaint():
-        pytest.skip("no bundled model")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield jobs.load_pipeline(jobs.ModelChoice(), ("decoder", "prior", "inpaint"))
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def in_process(bundled):
     """``cli.main`` in this process with the bundled model loaded once (the loader returns it for the default
     model choice and loads anything else as usual)."""

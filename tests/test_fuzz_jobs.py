@@ -75,19 +75,6 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    """The bundled model (decoder, prior and inpainting decoder) on one torch thread."""
-    import torch
-
-    if not jobs.bundled_inpaint():
-        pytest.skip("no bundled model")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield jobs.load_pipeline(jobs.ModelChoice(), ("decoder", "prior", "inpaint"))
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def cli_models(bundled):
     """In-process CLI runs load each model choice once: the loader is wrapped with a cache (device and dtype
     spelt as this machine resolves them; an error is raised every time, as before)."""

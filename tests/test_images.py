@@ -16,7 +16,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundled():
+def pipe():
     return Kandinsky21.from_pretrained()
 
 
@@ -63,22 +63,22 @@ def test_the_bomb_is_refused_before_decoding(corpus, monkeypatch):
         imaging.open_image(corpus["bomb.png"].path)
 
 
-def test_pipeline_uses_odd_images_and_masks(corpus, bundled):
+def test_pipeline_uses_odd_images_and_masks(corpus, pipe):
     kw = dict(width=64, height=64, steps=2, prior_steps=2, seed=1)
     for name in ("cmyk.jpg", "gray16.png", "alpha.png", "one_pixel.png", "animated.webp", "exif_rotated.jpg"):
-        (out,) = bundled.img2img(corpus[name].path, "a red circle", strength=0.5, **kw)
+        (out,) = pipe.img2img(corpus[name].path, "a red circle", strength=0.5, **kw)
         assert out.size == (64, 64) and out.mode == "RGB", name
-    (out,) = bundled.variations(corpus["palette_transparent.png"].path, **{k: v for k, v in kw.items()
+    (out,) = pipe.variations(corpus["palette_transparent.png"].path, **{k: v for k, v in kw.items()
                                                                            if k != "prior_steps"})
     assert out.size == (64, 64)
     for mask in ("mask_alpha.png", "mask_rgb.png"):
-        (out,) = bundled.inpaint(corpus["ok.png"].path, corpus[mask].path, "a blue square", **kw)
+        (out,) = pipe.inpaint(corpus["ok.png"].path, corpus[mask].path, "a blue square", **kw)
         assert out.size == (64, 64), mask
     alpha_mask = PIL.Image.open(corpus["mask_alpha.png"].path)  # a PIL mask with transparency: transparent = keep
-    (same,) = bundled.inpaint(corpus["ok.png"].path, alpha_mask, "a blue square", **kw)
-    (ref,) = bundled.inpaint(corpus["ok.png"].path, corpus["mask.png"].path, "a blue square", **kw)  # same box
+    (same,) = pipe.inpaint(corpus["ok.png"].path, alpha_mask, "a blue square", **kw)
+    (ref,) = pipe.inpaint(corpus["ok.png"].path, corpus["mask.png"].path, "a blue square", **kw)  # same box
     assert np.array_equal(np.asarray(same), np.asarray(ref))
     with pytest.raises(ValueError, match="mask is 24×16 but the image is 48×32"):
-        bundled.inpaint(corpus["ok.png"].path, corpus["mask_other_size.png"].path, "x", **kw)
+        pipe.inpaint(corpus["ok.png"].path, corpus["mask_other_size.png"].path, "x", **kw)
     with pytest.raises(ValueError, match="truncated.png"):
-        bundled.img2img(corpus["truncated.png"].path, "x", **kw)
+        pipe.img2img(corpus["truncated.png"].path, "x", **kw)

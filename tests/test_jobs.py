@@ -145,19 +145,6 @@ def test_model_choice_from_options():
 # ------------------------------------------------------------------------------------------- running
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    """The bundled model, run on one torch thread (2 busy cores: faster and as deterministic)."""
-    import torch
-
-    if not jobs.bundled_inpaint():
-        pytest.skip("no bundled model")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield jobs.load_pipeline(ModelChoice(), ("decoder", "prior", "inpaint"))
-    torch.set_num_threads(old)
-
-
 def pixels(img: PIL.Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
