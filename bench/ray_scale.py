@@ -3,9 +3,9 @@
 1. Serve: the same workload (``--requests`` synchronous ``POST /v1/txt2img``, ``--concurrency`` at a time) on 1 model
    replica, then on 2 (one torch thread each); images/s, p50/p95 latency, and the scaling efficiency
    (throughput with 2 replicas / (2 x throughput with 1)).
-2. Batches: ``kandinsky ray batch`` (``--replicas`` actors, one thread each) against ``kandinsky generate --prompts``
-   (one process, torch's default threads) on the same prompts file, end to end (start-up and model loading
-   included) and for the rendering alone (from the first to the last image written).
+2. Batches: ``kandinsky ray batch`` (``--actors`` actors, one thread each) against ``kandinsky generate --prompts``
+   (one process, with one thread, then with torch's default threads) on the same prompts file, end to end
+   (start-up and model loading included) and for the rendering alone (from the first to the last image written).
 
     python bench/ray_scale.py                    # everything, a local Ray of all CPUs
     python bench/ray_scale.py --requests 16 --part serve --json
@@ -135,17 +135,20 @@ def bench_batch(args: argparse.Namespace, address: str) -> dict[str, Any]:
                                     str(Path(tmp) / "ray"), "--address", address, "--replicas", str(args.actors),
                                     "--num-cpus-per-replica", str(args.cpus_per_replica), "--threads-per-replica",
                                     "1", *common],
+            "kandinsky_generate_prompts_1_thread": [sys.executable, "-m", "kandinsky", "generate", "--prompts",
+                                                    str(prompts), "-o", str(Path(tmp) / "cli1"), *common],
             "kandinsky_generate_prompts": [sys.executable, "-m", "kandinsky", "generate", "--prompts", str(prompts),
                                            "-o", str(Path(tmp) / "cli"), *common],
         }
         for name, cmd in runs.items():
             before = load()
+            env = {**os.environ, "OMP_NUM_THREADS": "1"} if name.endswith("1_thread") else None
             t0 = time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             wall = time.perf_counter() - t0
             if r.returncode != 0:
                 raise SystemExit(f"{name} failed: {r.stderr[-2000:]}")
-            folder = Path(tmp) / ("ray" if name.startswith("kandinsky_ray") else "cli")
+            folder = Path(cmd[cmd.index("--out" if "--out" in cmd else "-o") + 1])
             images = len(list(folder.glob("*.png")))
             span = _render_span(folder)
             out[name] = {"images": images, "wall_s": round(wall, 2), "images_per_s": round(images / wall, 3),

@@ -8,6 +8,7 @@ collected through any other. Each answer carries ``X-Kandinsky-Replica``, the in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import threading
@@ -108,7 +109,7 @@ class ProxyWorker:
         self.config = config
         self._store = store
         self._engine = RemoteEngine()
-        self._status: tuple[float, dict[str, Any]] | None = None
+        self._status: tuple[Any, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ the store
 
@@ -157,9 +158,14 @@ class ProxyWorker:
         raise AssertionError("unreachable")
 
     def _state(self) -> dict[str, Any]:
-        now = time.monotonic()
-        if self._status is None or now - self._status[0] > 0.2:  # one call for the few reads of one request
-            self._status = (now, self._call("status"))
+        """The store's status, asked once per request (the asyncio task that handles it): ``/healthz`` reads
+        four values of one status, and a later request never sees an older one."""
+        try:
+            owner = asyncio.current_task()
+        except RuntimeError:
+            owner = None
+        if owner is None or self._status is None or self._status[0] is not owner:
+            self._status = (owner, self._call("status"))
         return self._status[1]
 
     # ------------------------------------------------------------------ the Worker interface

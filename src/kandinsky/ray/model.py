@@ -1,10 +1,10 @@
 """The model deployment: each replica owns one pipeline (a :class:`~kandinsky.server.engine.PipelineEngine`) and
 runs jobs sent by the job store, reporting every sampler step back to it.
 
-Progress: each step calls the store's ``report`` (one small actor call; decoder steps carry the first latent row
-for previews); a False answer means the job was cancelled, and the run stops there. With ``max_batch_size`` > 1,
-compatible txt2img jobs arriving together (within ``batch_wait_timeout_s``) share one decoder loop through
-``@serve.batch`` (:mod:`kandinsky.ray.batching`); other jobs run alone, one at a time.
+Progress: each step is sent to the store's ``report`` (one small actor call, not waited for; decoder steps carry the
+first latent row, for previews); when an answer says the job was cancelled, the run stops at its next step.
+With ``max_batch_size`` > 1, compatible txt2img jobs arriving together (within ``batch_wait_timeout_s``) share one
+decoder loop through ``@serve.batch`` (:mod:`kandinsky.ray.batching`); other jobs run alone, one at a time.
 """
 
 from __future__ import annotations
@@ -26,27 +26,44 @@ class _Cancelled:
 
 
 class StoreReporter:
-    """The replica side of progress: forwards each step to the job store, raises ``JobCancelled`` when told."""
+    """The replica side of progress: sends each step to the job store without waiting for it (the store runs
+    them in order), and raises ``JobCancelled`` at the first step after the store has answered that the job was
+    cancelled. :meth:`flush` waits for the reports still on their way (before the result goes back)."""
 
     wants_latents = True
+    most_pending = 8  # reports in flight before a step waits for the oldest (if the store falls behind)
 
     def __init__(self, store: Any, key: str) -> None:
         self.store, self.key = store, key
         self.cancelled = False
+        self._pending: list[Any] = []
 
     def __call__(self, stage: str, done: int, total: int, latents: Any = None) -> None:
         import ray
 
         from ..server.worker import JobCancelled
 
+        if self._pending:
+            ready, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+            if len(self._pending) >= self.most_pending:
+                ready.append(self._pending.pop(0))
+            if not all(ray.get(ready)):
+                self.cancelled = True
         if self.cancelled:
             raise JobCancelled()
         row = None
         if stage == "decoder" and getattr(latents, "ndim", 0) == 4:
             row = latents[:1].detach().float().cpu().clone()
-        if self.store is not None and not ray.get(self.store.report.remote(self.key, stage, done, total, row)):
-            self.cancelled = True
-            raise JobCancelled()
+        if self.store is not None:
+            self._pending.append(self.store.report.remote(self.key, stage, done, total, row))
+
+    def flush(self) -> None:
+        """Wait until the store has taken every report sent (so that they come before the job's end)."""
+        import ray
+
+        pending, self._pending = self._pending, []
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=60)
 
 
 class ModelReplica:
@@ -88,7 +105,11 @@ class ModelReplica:
 
     def _run_one(self, job: Job, key: str, store: Any) -> list[tuple[Any, dict[str, Any]]]:
         self.batch_sizes[1] += 1
-        return [tuple(o) for o in self.engine.run(job, StoreReporter(store, key))]
+        reporter = StoreReporter(store, key)
+        try:
+            return [tuple(o) for o in self.engine.run(job, reporter)]
+        finally:
+            reporter.flush()
 
     async def _run_batch(self, items: list[tuple[Job, str, Any]]) -> list[Any]:
         return await asyncio.to_thread(self._run_groups, items)
@@ -119,8 +140,13 @@ class ModelReplica:
                     pass
 
             self.batch_sizes[len(members)] += 1
-            with self.engine._lock:  # the engine's own lock: one pipeline call at a time
-                outputs = run_batched(self.engine.pipe, [items[i][0] for i in members], self.engine.model, progress)
+            try:
+                with self.engine._lock:  # the engine's own lock: one pipeline call at a time
+                    outputs = run_batched(self.engine.pipe, [items[i][0] for i in members], self.engine.model,
+                                          progress)
+            finally:
+                for reporter in reporters:
+                    reporter.flush()
             for j, i in enumerate(members):
                 results[i] = _Cancelled() if reporters[j].cancelled else [tuple(o) for o in outputs[j]]
         return results
