@@ -341,18 +341,20 @@ class TestServe:
 
     @pytest.mark.timeout(240)
     def test_a_replica_dying_fails_its_job_and_the_rest_goes_on(self, client: httpx.Client) -> None:
-        pids = sorted(model_replicas())
-        assert len(pids) == 2
         jobs = [client.post("/v1/txt2img?async=true", json={"prompt": f"long {k}", "seed": k, "steps": 150,
                                                             "prior_steps": 1}).json() for k in range(2)]
         for job in jobs:
             wait_for(lambda j=job: client.get(j["url"]).json()["progress"]["done"] > 1, what="both jobs to run")
-        os.kill(pids[0], signal.SIGKILL)
-        states = [wait_for(lambda j=job: (s := client.get(j["url"]).json())["state"] in ("done", "failed") and s,
-                           what="the jobs to end") for job in jobs]
-        assert sorted(s["state"] for s in states) == ["done", "failed"], states
-        failed = next(s for s in states if s["state"] == "failed")
-        assert "the model replica running this job stopped" in failed["error"] and "submit it again" in failed["error"]
+        running = client.get("/healthz").json()["queue"]["running_jobs"]  # job id -> the replica running it
+        assert all(running.get(j["id"]) for j in jobs), running
+        victim = running[jobs[0]["id"]]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        states = {j["id"]: wait_for(lambda j=j: (s := client.get(j["url"]).json())["state"] in ("done", "failed") and s,
+                                    what="the jobs to end") for j in jobs}
+        expected = {j["id"]: "failed" if running[j["id"]]["pid"] == victim else "done" for j in jobs}
+        assert {k: s["state"] for k, s in states.items()} == expected, states
+        error = states[jobs[0]["id"]]["error"]
+        assert "the model replica running this job stopped" in error and "submit it again" in error, error
         r = client.post("/v1/txt2img", json={"prompt": "still serving", "seed": 3, **FAST})
         assert r.status_code == 200, r.text
         assert client.get("/healthz").json()["counts"]["failed"] >= 1

@@ -33,8 +33,8 @@ class StoreReporter:
     wants_latents = True
     most_pending = 8  # reports in flight before a step waits for the oldest (if the store falls behind)
 
-    def __init__(self, store: Any, key: str) -> None:
-        self.store, self.key = store, key
+    def __init__(self, store: Any, key: str, where: dict[str, Any] | None = None) -> None:
+        self.store, self.key, self.where = store, key, where
         self.cancelled = False
         self._pending: list[Any] = []
 
@@ -55,7 +55,8 @@ class StoreReporter:
         if stage == "decoder" and getattr(latents, "ndim", 0) == 4:
             row = latents[:1].detach().float().cpu().clone()
         if self.store is not None:
-            self._pending.append(self.store.report.remote(self.key, stage, done, total, row))
+            where, self.where = self.where, None  # sent with the first step only
+            self._pending.append(self.store.report.remote(self.key, stage, done, total, row, where))
 
     def flush(self) -> None:
         """Wait until the store has taken every report sent (so that they come before the job's end)."""
@@ -64,6 +65,16 @@ class StoreReporter:
         pending, self._pending = self._pending, []
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=60)
+
+
+def _replica_id() -> str | None:
+    """This Serve replica's id (None outside Serve)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica (tests, direct use)
+        return None
 
 
 class ModelReplica:
@@ -75,6 +86,7 @@ class ModelReplica:
         self.engine = PipelineEngine(choice or ModelChoice())
         self.engine.load()
         self.description = describe(self.engine)
+        self.where = {"replica": _replica_id(), "pid": os.getpid()}
         self.description["pid"] = os.getpid()
         self.batch_sizes: Counter[int] = Counter()
         self._batched = None
@@ -105,7 +117,7 @@ class ModelReplica:
 
     def _run_one(self, job: Job, key: str, store: Any) -> list[tuple[Any, dict[str, Any]]]:
         self.batch_sizes[1] += 1
-        reporter = StoreReporter(store, key)
+        reporter = StoreReporter(store, key, self.where)
         try:
             return [tuple(o) for o in self.engine.run(job, reporter)]
         finally:
@@ -130,7 +142,7 @@ class ModelReplica:
                 except JobCancelled:
                     results[i] = _Cancelled()
                 continue
-            reporters = [StoreReporter(items[i][2], items[i][1]) for i in members]
+            reporters = [StoreReporter(items[i][2], items[i][1], self.where) for i in members]
 
             def progress(j: int, stage: str, done: int, total: int, latents: Any,
                          reporters: list[StoreReporter] = reporters) -> None:

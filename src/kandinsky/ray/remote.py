@@ -78,6 +78,8 @@ class RemoteEngine(PipelineEngine):
         self._handle, self._store = handle, store
         self.description: dict[str, Any] | None = None
         self.reports: dict[str, Report] = {}
+        self.placements: dict[str, dict[str, Any]] = {}  # running job id -> the replica running it
+        self._jobs: dict[str, str] = {}  # run key -> job id
         self._load_lock = threading.Lock()
 
     def apply(self, description: dict[str, Any]) -> None:
@@ -111,6 +113,9 @@ class RemoteEngine(PipelineEngine):
 
         key = secrets.token_hex(8)
         self.reports[key] = report
+        task = getattr(report, "task", None)  # the worker's Progress knows its task
+        if task is not None:
+            self._jobs[key] = task.id
         try:
             return self._handle().run.remote(job, key, self._store).result()
         except RayTaskError as exc:  # the replica's code raised: raise that error itself
@@ -126,14 +131,19 @@ class RemoteEngine(PipelineEngine):
                               "the job was not retried, submit it again") from None
         finally:
             self.reports.pop(key, None)
+            self.placements.pop(self._jobs.pop(key, ""), None)
 
-    def report(self, key: str, stage: str, done: int, total: int, latents: Any = None) -> bool:
-        """Progress from a replica; False tells it to stop (the job was cancelled, or is unknown here)."""
+    def report(self, key: str, stage: str, done: int, total: int, latents: Any = None,
+               where: dict[str, Any] | None = None) -> bool:
+        """Progress from a replica (``where``: which one); False tells it to stop (the job was cancelled, or is
+        unknown here)."""
         from ..server.worker import JobCancelled
 
         target = self.reports.get(key)
         if target is None:
             return False
+        if where is not None and key in self._jobs:
+            self.placements[self._jobs[key]] = where
         try:
             target(stage, done, total, latents)
         except JobCancelled:

@@ -76,9 +76,11 @@ class PoolWorker(Worker):
             thread.join(timeout)
 
     def queue_info(self) -> dict[str, Any]:
-        """The server's queue information, plus every running job and the number of slots."""
+        """The server's queue information, plus the slots and every running job with the model replica running it
+        (``{"replica": ID, "pid": PID}``, None until its first step)."""
         info = super().queue_info()
-        info.update(running_jobs=[t.id for t in self.running()], slots=self.slots)
+        placements = getattr(self.engine, "placements", {})
+        info.update(slots=self.slots, running_jobs={t.id: placements.get(t.id) for t in self.running()})
         return info
 
 
@@ -182,6 +184,7 @@ class JobStore:
 
     # ------------------------------------------------------------------ what the replicas tell
 
-    async def report(self, key: str, stage: str, done: int, total: int, latents: Any = None) -> bool:
+    async def report(self, key: str, stage: str, done: int, total: int, latents: Any = None,
+                     where: dict[str, Any] | None = None) -> bool:
         """A replica's progress on the job ``key``; False: stop (cancelled)."""
-        return self.engine.report(key, stage, done, total, latents)
+        return self.engine.report(key, stage, done, total, latents, where)
