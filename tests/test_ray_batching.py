@@ -69,5 +69,6 @@ def test_only_compatible_jobs_batch(loaded: jobs.Loaded) -> None:
     assert batch_key(pipe, base) != batch_key(pipe, base.replace(steps=4))
     assert batch_key(pipe, base.replace(sampler="ddpm")) is None  # draws noise every step
     assert batch_key(pipe, base.replace(mode="variations")) is None
+    assert batch_key(pipe, base.replace(loras=[("some/adapter", 1.0)])) is None  # adapters are per call
     with pytest.raises(ValueError, match="equal sizes"):
         run_batched(pipe, [base, base.replace(width=128)])

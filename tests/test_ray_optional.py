@@ -88,7 +88,8 @@ def test_bad_options_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.timeout(60)
 def test_serve_config_args() -> None:
     o = ServeOptions.from_mapping({"replicas": 2, "threads_per_replica": 1, "max_steps": 50, "api_key": "x",
-                                   "queue_size": 3, "dtype": "float32", "max_batch_size": 2})
+                                   "queue_size": 3, "dtype": "float32", "max_batch_size": 2, "lora_dir": "/loras"})
+    assert o.server.lora_dir == "/loras"
     assert (o.replicas, o.threads(), o.server.limits.max_steps, o.server.api_key, o.server.queue_size) == (
         2, 1, 50, "x", 3)
     assert o.model.dtype == "float32" and o.batch_size() == 2

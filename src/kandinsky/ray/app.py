@@ -111,10 +111,10 @@ class ServeOptions:
     def from_mapping(cls, args: Mapping[str, Any]) -> ServeOptions:
         """From one flat mapping of option names (a serve config's ``args``): these fields, the model's
         (``model``, ``prior``, ``device``, ``dtype``...), the server's (``queue_size``, ``api_key``, ``keep_jobs``,
-        ``preview_every``, ``log_level``) and the limits (``max_pixels``...). Unknown names are refused."""
+        ``preview_every``, ``lora_dir``...) and the limits (``max_pixels``...). Unknown names are refused."""
         own = {f.name for f in fields(cls)} - {"model", "server"}
         model_keys = {f.name for f in fields(ModelChoice)}
-        server_keys = {"queue_size", "api_key", "keep_jobs", "preview_every", "log_level", "host", "port"}
+        server_keys = {f.name for f in fields(ServerConfig)} - {"limits", "threads"}  # queue_size, api_key...
         limit_keys = {f.name for f in fields(Limits)}
         unknown = sorted(set(args) - own - model_keys - server_keys - limit_keys)
         if unknown:

@@ -25,9 +25,9 @@ Progress = Callable[[int, str, int, int, Any], None]  # (job index, stage, done,
 
 def batch_key(pipe: Any, job: Job) -> tuple[Any, ...] | None:
     """Jobs with equal keys can share one decoder batch; None for a job that must run alone (not txt2img, a
-    sampler that draws noise per step, ``compat="original"``, ``low_memory``)."""
-    if job.mode != "txt2img" or job.seed is None or getattr(pipe, "original", True) or getattr(pipe, "low_memory",
-                                                                                                False):
+    sampler that draws noise per step, LoRA adapters, ``compat="original"``, ``low_memory``)."""
+    if (job.mode != "txt2img" or job.seed is None or getattr(job, "loras", None) or getattr(pipe, "original", True)
+            or getattr(pipe, "low_memory", False)):
         return None
     a = jobs.resolved(pipe, job)
     if a["sampler"] not in DETERMINISTIC:
