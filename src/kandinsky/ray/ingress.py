@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -268,19 +267,11 @@ class ReplicaHeader:
 
 
 def create_app(config: ServerConfig, worker: ProxyWorker, replica: str = "") -> Any:
-    """The ``kandinsky serve`` application on ``worker``. Until :func:`kandinsky.server.app.create_app` takes a
-    ``worker`` argument, its ``Worker`` is swapped for the duration of the call (one replica process, one call)."""
+    """The ``kandinsky serve`` application (:func:`kandinsky.server.app.create_app`) on ``worker``, each answer
+    tagged with ``replica``."""
     from ..server import app as server_app
 
-    if "worker" in inspect.signature(server_app.create_app).parameters:
-        app = server_app.create_app(config, worker._engine, worker=worker)  # type: ignore[call-arg]
-    else:
-        made = server_app.Worker
-        server_app.Worker = lambda engine, cfg: worker  # type: ignore[assignment,misc]
-        try:
-            app = server_app.create_app(config, worker._engine)
-        finally:
-            server_app.Worker = made  # type: ignore[misc]
+    app = server_app.create_app(config, worker._engine, worker=worker)
     if replica:
         app.add_middleware(ReplicaHeader, name=replica)
     return app
