@@ -142,7 +142,7 @@ def reconcile_manifest(out: Path) -> dict[str, dict[str, Any]]:
         m = NAME.match(path.name)
         if not m or path.name in entries or not path.is_file():
             continue
-        if not metadata_complete(path):
+        if not metadata.is_complete(path):
             continue
         try:
             record = metadata.read_record(path)
@@ -156,18 +156,6 @@ def reconcile_manifest(out: Path) -> dict[str, dict[str, Any]]:
     if text != "".join(t + "\n" for t in lines):
         _write_text(manifest, text)
     return {e["file"]: e for e in ordered}
-
-
-def metadata_complete(path: Path) -> bool:
-    """True when ``path`` is a whole image (every PNG chunk and checksum there)."""
-    import PIL.Image
-
-    try:
-        with PIL.Image.open(path) as img:
-            img.verify()
-        return True
-    except Exception:  # noqa: BLE001 - anything unreadable is not complete
-        return False
 
 
 def job_fields(job: Job) -> dict[str, Any]:
