@@ -191,6 +191,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sheet(args: argparse.Namespace) -> int:
+    """Before/after picture: the first prompts without (top row) and with the adapter (bottom row)."""
+    from kandinsky import Kandinsky21
+
+    pipe = Kandinsky21.from_pretrained()
+    cases = prompts()[: args.count]
+    rows = []
+    for specs in ([], [(args.adapter, args.scale)]):
+        with pipe.loras(specs):
+            rows.append([pipe.text_to_image(p, seed=1000 + i, width=64, height=64)[0]
+                         for i, (p, _) in enumerate(cases)])
+    side = 128
+    sheet = PIL.Image.new("RGB", (side * len(cases), side * 2), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            sheet.paste(img.resize((side, side), PIL.Image.Resampling.NEAREST), (c * side, r * side))
+    sheet.save(args.out)
+    print("\n".join(f"{i}: {p}" for i, (p, _) in enumerate(cases)))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -215,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--scale", type=float, default=1.0)
     e.add_argument("--seeds", type=int, default=3)
     e.set_defaults(func=cmd_eval)
+    sh = sub.add_parser("sheet")
+    sh.add_argument("--adapter", type=Path, required=True)
+    sh.add_argument("--scale", type=float, default=1.0)
+    sh.add_argument("--count", type=int, default=8)
+    sh.add_argument("--out", type=Path, default=Path("docs/lora_cross.png"))
+    sh.set_defaults(func=cmd_sheet)
     args = p.parse_args(argv)
     return args.func(args)
 
