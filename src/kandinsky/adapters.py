@@ -103,7 +103,7 @@ def load(spec: Any) -> lora_files.LoraWeights:
     path = Path(spec).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"LoRA adapter not found: {spec}")
-    probe = path / lora_files.ADAPTER_FILE if path.is_dir() else path
+    probe = lora_files.adapter_file(path)
     stat = probe.stat() if probe.exists() else path.stat()
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     if key not in _cache:

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..metadata import lora_tag_pattern
+from ..weights import lora as lora_files
 from .images import FieldError
-
-ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 
 class LoraLibrary:
@@ -33,7 +32,7 @@ class LoraLibrary:
         for entry in sorted(self.folder.iterdir()):
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir() and any((entry / f).is_file() for f in ADAPTER_FILES):
+            if entry.is_dir() and lora_files.adapter_file(entry).is_file():
                 out[entry.name] = entry
             elif entry.is_file() and entry.suffix == ".safetensors":
                 out[entry.stem] = entry
@@ -80,8 +79,6 @@ def describe(library: LoraLibrary) -> list[dict[str, Any]]:
     for name, path in library.entries().items():
         item: dict[str, Any] = {"name": name}
         try:
-            from ..weights import lora as lora_files
-
             meta = lora_files.read_meta(path)
             for key in ("trigger_words", "base_model", "rank"):
                 if meta.get(key):

@@ -31,6 +31,7 @@ from .io import read_json
 
 ADAPTER_FILE, CONFIG_FILE, DIFFUSERS_FILE = "adapter_model.safetensors", "adapter_config.json", \
     "pytorch_lora_weights.safetensors"
+ADAPTER_FILES = (ADAPTER_FILE, DIFFUSERS_FILE)  # what a folder holding one adapter has, in order of preference
 META_KEY = "kandinsky_lora"
 _PEFT_PREFIX = "base_model.model."
 # diffusers' attention-processor names -> our module names
@@ -117,15 +118,22 @@ def from_state_dict(state: Mapping[str, torch.Tensor], *, name: str, source: str
     return LoraWeights(name=name, a=a, b=b, alpha=alphas, meta=dict(meta or {}), source=source)
 
 
+def adapter_file(path: str | Path) -> Path:
+    """The weights file of an adapter given as a file, or as a folder holding ``adapter_model.safetensors`` (peft)
+    or ``pytorch_lora_weights.safetensors`` (diffusers); for a folder with neither, the peft name (missing)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    return next((path / f for f in ADAPTER_FILES if (path / f).is_file()), path / ADAPTER_FILE)
+
+
 def read(path: str | Path, name: str | None = None) -> LoraWeights:
     """An adapter from a peft folder, its ``adapter_model.safetensors``, or a diffusers ``.safetensors`` file."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    file = path / ADAPTER_FILE if path.is_dir() else path
-    if path.is_dir() and not file.is_file() and (path / DIFFUSERS_FILE).is_file():
-        file = path / DIFFUSERS_FILE
+    file = adapter_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"no LoRA adapter at {path} (expected {ADAPTER_FILE} + {CONFIG_FILE}, or a "
                                 ".safetensors file)")
@@ -152,11 +160,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of an adapter (our safetensors header entry) without reading its tensors."""
     from safetensors import safe_open
 
-    path = Path(path)
-    file = path / ADAPTER_FILE if path.is_dir() else path
-    if path.is_dir() and not file.is_file():
-        file = path / DIFFUSERS_FILE
-    with safe_open(str(file), framework="pt") as f:
+    with safe_open(str(adapter_file(path)), framework="pt") as f:
         header = f.metadata() or {}
     return json.loads(header[META_KEY]) if META_KEY in header else {}
 
