@@ -64,8 +64,9 @@ def wait_for(predicate: Any, timeout: float = 120.0, what: str = "condition", ev
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def sse_events(client: httpx.Client, path: str) -> list[tuple[str, dict[str, Any]]]:
-    """Read an event stream to its end: [(event, data)]."""
+def sse_events(client: httpx.Client, path: str, first: threading.Event | None = None
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """Read an event stream to its end: [(event, data)]; ``first`` is set once the first event has arrived."""
     out = []
     with client.stream("GET", path) as resp:
         assert resp.status_code == 200, resp.status_code
@@ -79,6 +80,8 @@ def sse_events(client: httpx.Client, path: str) -> list[tuple[str, dict[str, Any
             elif line == "" and event:
                 out.append((event, json.loads(data)))
                 event, data = None, ""
+                if first is not None:
+                    first.set()
     return out
 
 

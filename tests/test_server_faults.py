@@ -258,9 +258,9 @@ def _post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         return c.post(path, json=body)
 
 
-def _events(url: str, path: str) -> list[tuple[str, dict[str, Any]]]:
+def _events(url: str, path: str, first: threading.Event) -> list[tuple[str, dict[str, Any]]]:
     with httpx.Client(base_url=url, timeout=120) as c:
-        return sse_events(c, path)
+        return sse_events(c, path, first)
 
 
 def _result(thread: threading.Thread, out: dict[str, Any], timeout: float) -> Any:
@@ -285,14 +285,16 @@ def _stop_with_jobs(proc: ServerProcess, running_body: dict[str, Any], sig: int 
     with httpx.Client(base_url=url, timeout=30) as c:
         run_thread = _in_thread(_post, url, "/v1/txt2img", running_body)
         job = wait_for(lambda: _running_job(c), timeout=120, what="the long job to start sampling")
-        run_events = _in_thread(_events, url, f"/v1/jobs/{job['id']}/events")
+        streams_open = [threading.Event(), threading.Event()]  # both event streams connected before the signal
+        run_events = _in_thread(_events, url, f"/v1/jobs/{job['id']}/events", streams_open[0])
         queued_sync = [_in_thread(_post, url, path, body) for path, body in (
             ("/v1/txt2img", {"prompt": "queued one", "steps": 2, "prior_steps": 2}),
             ("/sdapi/v1/txt2img", {"prompt": "queued two", "steps": 2, "width": 64, "height": 64}))]
         queued = c.post("/v1/txt2img?async=true", json={"prompt": "queued three", "steps": 2, "prior_steps": 2})
         assert queued.status_code == 202, queued.text
-        queued_events = _in_thread(_events, url, queued.json()["events"])
+        queued_events = _in_thread(_events, url, queued.json()["events"], streams_open[1])
         wait_for(lambda: c.get("/healthz").json()["queue"]["pending"] == 3, timeout=30, what="3 queued jobs")
+        wait_for(lambda: all(e.is_set() for e in streams_open), timeout=30, what="both event streams to open")
         assert c.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"
     started = time.monotonic()
     proc.signal(sig)
