@@ -13,6 +13,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "KANDINSKY_CACHE" not in os.environ:  # precision choices and converted weights: never the user's cache
+    import tempfile
+
+    os.environ["KANDINSKY_CACHE"] = tempfile.mkdtemp(prefix="kandinsky-test-cache-")
 warnings.filterwarnings("ignore")
 
 import tiny  # noqa: E402

@@ -21,6 +21,7 @@ import PIL.ImageOps
 import torch
 
 from . import imaging
+from . import precision as precisions
 from .diffusion import samplers
 from .diffusion.schedules import (
     NoiseSchedule,
@@ -32,7 +33,7 @@ from .diffusion.schedules import (
     spaced_timesteps,
 )
 from .models import fastpath
-from .models.common import page_out
+from .models.common import page_out, release_pages
 from .models.text_encoders import clip_image_embeds, clip_text_features
 from .models.unet import DeepCache
 from .weights import hub
@@ -151,7 +152,7 @@ class Kandinsky21:
                         dtype: str | torch.dtype | None = None, *, original: str | Path | None = None,
                         compat: str = "diffusers", low_memory: bool = False, compile: bool = False,
                         tile_decode: bool | None = None, loras: Sequence[tuple[Any, float]] | None = None,
-                        **original_files: Any) -> Kandinsky21:
+                        precision: str | None = None, **original_files: Any) -> Kandinsky21:
         """Load diffusers-format folders or Hugging Face Hub ids (``"kandinsky-community/kandinsky-2-1[@rev]"``,
         or the shortcuts ``"kandinsky-2-1"``, ``"kandinsky-2-1-prior"``, ``"kandinsky-2-1-inpaint"``; see
         :mod:`kandinsky.weights.hub`); with no folder at all, the bundled model.
@@ -161,7 +162,9 @@ class Kandinsky21:
         ``clip=``, ``movq=``, ``clip_tokenizer=``). ``dtype`` None means float32, except for the fp16 original
         files on CUDA, which stay fp16. ``compat="original"`` switches to the original repository's sampling
         semantics (see the README's table). ``loras`` [(path, scale), ...] become the adapters of every call
-        (:meth:`set_loras`).
+        (:meth:`set_loras`). ``precision`` ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (the fastest this
+        machine computes correctly, measured once and cached; see :mod:`kandinsky.precision`) is another way to
+        give ``dtype``.
 
         Speed and memory: weights are memory-mapped and built without initialisation either way.
         ``low_memory=True`` drops each model's resident pages once its part of a call is done (text encoders
@@ -172,6 +175,11 @@ class Kandinsky21:
         """
         speed = dict(low_memory=low_memory, compile=compile, tile_decode=tile_decode)
         dev = resolve_device(device)
+        if precision is not None:
+            chosen = precisions.resolve(precision, dev)
+            if dtype is not None and resolve_dtype(dtype) != chosen:
+                raise ValueError(f"dtype={dtype!r} and precision={precision!r} disagree; give one of them")
+            dtype = chosen
         if original is not None or original_files:
             if decoder is not None or prior is not None or inpaint is not None:
                 raise ValueError("give either original=DIR or decoder/prior/inpaint folders, not both")
@@ -246,9 +254,13 @@ class Kandinsky21:
         return value
 
     def _offload(self, *modules: torch.nn.Module) -> None:
-        """Under ``low_memory``, drop the resident pages of modules whose work in this call is done."""
-        if self.low_memory and self.device.type == "cpu":
-            page_out(t for m in modules for t in (*m.parameters(), *m.buffers()))
+        """Drop the resident pages of modules whose work in this call is done: by default only the clean pages
+        memory-mapped from their weight files (they stay in the OS page cache, so the next call maps them back
+        cheaply); under ``low_memory`` every page, out of the page cache too (``common.page_out``)."""
+        if self.device.type != "cpu":
+            return
+        tensors = (t for m in modules for t in (*m.parameters(), *m.buffers()))
+        page_out(tensors) if self.low_memory else release_pages(tensors)
 
     def defaults(self, part: str = "decoder") -> dict[str, Any]:
         """Recommended call defaults recorded in the model folder (empty for the published model)."""
@@ -557,6 +569,8 @@ class Kandinsky21:
         x = run(denoiser, x, timesteps, known, self._step_callback("decoder", len(timesteps)))
         if self.low_memory:
             unet.release_memory()
+        else:  # the packed conv weights stay for the next call; the rest is mapped back from the page cache
+            self._offload(unet)
         pixels = self._movq_decode(parts.movq, x)
         self._offload(parts.movq)
         return pixels

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from . import precision
 from .models import fastpath
 
 # CPU flags that decide the fast paths (Linux /proc/cpuinfo names)
@@ -54,6 +55,7 @@ def report() -> dict[str, Any]:
         "env": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS",
                                            fastpath.ENV) if k in os.environ},
         "cuda": torch.cuda.is_available(),
+        "precision": precision.report(),
     }
     if info["cuda"]:
         info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -69,6 +71,12 @@ def format_report(info: dict[str, Any]) -> str:
             for op, per_dtype in value.items():
                 for dtype, state in per_dtype.items():
                     lines.append(f"  {op} {dtype}: {state}")
+            continue
+        if key == "precision":
+            lines.append(f"precision auto: {value['auto']} ({value['why']}; cached in {value['cache']})")
+            for name, rates in value["gflops"].items():
+                cos = f", cosine to fp32 {value['cosine_to_fp32'][name]}" if name in value["cosine_to_fp32"] else ""
+                lines.append(f"  {name}: conv {rates['conv']} GFLOP/s, linear {rates['linear']} GFLOP/s{cos}")
             continue
         if isinstance(value, list):
             value = " ".join(map(str, value)) or "-"

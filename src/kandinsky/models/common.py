@@ -78,6 +78,79 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
     return done
 
 
+_MADV_DONTNEED = 4
+_FILE_PAGE = 1 << 61  # /proc/self/pagemap: the page is a page of a file (not an anonymous copy-on-write copy)
+_PRESENT, _SWAPPED = 1 << 63, 1 << 62
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's read-only or private file mappings (from /proc/self/maps)."""
+    out = []
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[4] != "0" and parts[5].startswith("/"):
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((start, end))
+    except OSError:
+        return []
+    return out
+
+
+def _all_file_pages(pagemap: Any, start: int, end: int, page: int) -> bool:
+    """Whether every resident page in [start, end) is a clean page of the mapped file (no private copy made by a
+    write, nothing swapped), read from /proc/self/pagemap."""
+    import numpy as np
+
+    pagemap.seek(start // page * 8)
+    data = pagemap.read((end - start) // page * 8)
+    if len(data) != (end - start) // page * 8:
+        return False
+    entries = np.frombuffer(data, dtype=np.uint64)
+    present = (entries & np.uint64(_PRESENT)) != 0
+    if bool(((entries & np.uint64(_SWAPPED)) != 0).any()):
+        return False
+    return bool(((entries[present] & np.uint64(_FILE_PAGE)) != 0).all())
+
+
+def release_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop the resident pages of CPU tensors memory-mapped from weight files, where that loses nothing.
+
+    Only pages that are unmodified pages of the file are dropped (``madvise(MADV_DONTNEED)``): they leave the
+    process's resident memory but stay in the OS page cache, so the next use maps them back cheaply (no disk
+    read while memory is free). Tensors in anonymous memory (converted dtypes, computed buffers) and pages a
+    write has copied are left alone. Returns the bytes dropped; a no-op off Linux.
+    """
+    libc = _libc()
+    if libc is None:
+        return 0
+    mappings = _file_mappings()
+    if not mappings:
+        return 0
+    page, done, seen = _page_size(), 0, set()
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - closed below
+    except OSError:
+        return 0
+    with pagemap:
+        for t in tensors:
+            if t.device.type != "cpu" or t.is_meta or t.numel() == 0:
+                continue
+            storage = t.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            start, end = -(-ptr // page) * page, (ptr + size) // page * page
+            for m_start, m_end in mappings:
+                lo, hi = max(start, m_start), min(end, m_end)
+                if hi > lo and _all_file_pages(pagemap, lo, hi, page) \
+                        and libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+                    done += hi - lo
+    return done
+
+
 def _page_size() -> int:
     import mmap
 

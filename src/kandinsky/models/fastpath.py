@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.common import page_out
+from kandinsky.models.common import page_out, release_pages
 
 ENV = "KANDINSKY_FAST_PATHS"
 OPS = ("linear", "conv", "cat_nhwc")
@@ -201,9 +201,14 @@ class Conv2d(nn.Conv2d):
     Eager ``F.conv2d`` on CPU re-lays-out the weight into oneDNN's blocked format at every call, which dominates
     at low resolution (a 1536-channel 3x3 weight is 85 MB). The packed copy is made for the input shape (the
     best blocking depends on it) and rebuilt when the shape or the weight changes (new tensor, in-place update,
-    dtype or device move), so a sampling loop packs once. It doubles the memory of the conv weights;
-    ``prepack = False`` gives that back for speed. Whenever autograd is needed, off CPU, or where the probe
-    found no kernel for the dtype, this is a plain ``nn.Conv2d``.
+    dtype or device move), so a sampling loop packs once. ``prepack = False`` frees the packed copies.
+    Whenever autograd is needed, off CPU, or where the probe found no kernel for the dtype, this is a plain
+    ``nn.Conv2d``.
+
+    Once packed, the source weight's pages are dropped where it is memory-mapped from its file and unmodified
+    (``common.release_pages``: it stays in the page cache and is mapped back if a plain call needs it), so the
+    packed copy does not double the resident memory; ``page_out_source`` (low-memory mode) drops them from the
+    page cache too.
     """
 
     prepack: bool = True
@@ -238,8 +243,7 @@ class Conv2d(nn.Conv2d):
                 w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(input_shape))
             self._packed_key = (weakref.ref(w), *key)
-            if self.page_out_source:
-                page_out([w])
+            (page_out if self.page_out_source else release_pages)([w])  # the packed copy stands in for it
         return self._packed
 
     def release_packed(self) -> None:

@@ -17,7 +17,7 @@ from ..models.movq import MoVQ, MoVQConfig
 from ..models.prior import PriorConfig, PriorTransformer
 from ..models.text_encoders import MultilingualCLIP, build_clip_text, build_clip_vision
 from ..models.unet import DecoderUNet, UNetConfig
-from .io import fill_module, find_weights, load_file, read_json, why_missing
+from .io import fill_module, find_weights, load_file_as, read_json, why_missing
 
 DECODER_CLASSES = ("KandinskyPipeline", "KandinskyImg2ImgPipeline", "KandinskyInpaintPipeline")
 PRIOR_CLASSES = ("KandinskyPriorPipeline",)
@@ -107,7 +107,8 @@ def _load_component(build: Any, folder: Path, stems: tuple[str, ...], *, dtype: 
     module = _build(build, _config(config_path, parse), config_path)
     path = find_weights(folder, stems)
     try:
-        return fill_module(module, load_file(path), str(path), ignore=ignore, dtype=dtype, device=device)
+        return fill_module(module, load_file_as(path, dtype, device), str(path), ignore=ignore, dtype=dtype,
+                           device=device)
     except ValueError as exc:
         if "does not match the model config" in str(exc) or "wrong shape" in str(exc):
             raise ValueError(f"{exc} (the config is {config_path})") from exc

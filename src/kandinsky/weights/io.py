@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".th")
+CONVERT_MIN_BYTES = 64 << 20  # weights files from this size get a converted copy cached for other dtypes
+CONVERTED_ENV = "KANDINSKY_CONVERTED_CACHE"  # "0": convert in memory at every load instead
 
 
 def why_missing(path: Path, what: str = "file") -> str:
@@ -84,6 +86,62 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"unsupported weights file type {path.suffix!r} ({path}); use .safetensors or .bin")
 
 
+def _cache_root() -> Path:
+    base = os.environ.get("KANDINSKY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kandinsky")
+    return Path(base)
+
+
+def converted_path(path: Path, dtype: torch.dtype) -> Path:
+    """Where the ``dtype`` copy of the weights file ``path`` is cached (keyed by its path, size and mtime)."""
+    import hashlib
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:20]
+    return _cache_root() / "converted" / f"{path.stem[:60]}-{key}.{str(dtype).removeprefix('torch.')}.safetensors"
+
+
+def load_file_as(path: Path, dtype: torch.dtype | None, device: torch.device | str = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` with floating ones in ``dtype`` where possible without holding them in anonymous
+    memory: for a large file (:data:`CONVERT_MIN_BYTES`) whose floats are stored in another dtype, loaded on
+    the CPU, a converted safetensors copy is written once to ``$KANDINSKY_CACHE/converted`` and memory-mapped
+    from then on, so that its pages can be dropped and mapped back like the original's (``release_pages``).
+    Falls back to the file itself (converted in memory by the caller) when the copy cannot be written
+    (``KANDINSKY_CONVERTED_CACHE=0`` turns the copies off)."""
+    path = Path(path)
+    state = load_file(path)
+    if (dtype is None or torch.device(device).type != "cpu"
+            or os.environ.get(CONVERTED_ENV, "1").strip().lower() in ("0", "off", "false", "no")
+            or path.stat().st_size < CONVERT_MIN_BYTES
+            or all(v.dtype == dtype for v in state.values() if v.is_floating_point())):
+        return state
+    target = converted_path(path, dtype)
+    if target.is_file():
+        try:
+            return load_file(target)
+        except ValueError:
+            target.unlink(missing_ok=True)  # a damaged copy: made again below
+    from safetensors.torch import save_file
+
+    from ..models.common import release_pages
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        converted = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        release_pages(state.values())
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            save_file(converted, str(tmp), metadata={"source": str(path.resolve()), "dtype": str(dtype)})
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        del converted
+        return load_file(target)
+    except OSError:
+        return state
+
+
 def find_weights(folder: Path, stems: Iterable[str]) -> Path:
     """The weights file in ``folder``: ``<stem>.safetensors`` preferred over ``<stem>.bin``."""
     folder = Path(folder)
@@ -129,6 +187,9 @@ def fill_module(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     for k, v in state.items():
         target = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
         converted[k] = v.to(device=device, dtype=target).contiguous()
+    from ..models.common import release_pages
+
+    release_pages(v for k, v in state.items() if converted[k] is not v)  # the file pages of converted tensors
     module.load_state_dict(converted, strict=True, assign=True)
     _materialise_index_buffers(module, device)
     return module.eval().requires_grad_(False)
