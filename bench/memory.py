@@ -92,8 +92,9 @@ def compare(args: argparse.Namespace) -> None:
     ref = {key: med("diffusers", key) for key in ("peak_rss_mb", "step_median_s", "load_s", "call_s")}
     print(f"\ndecoder only, {args.size}x{args.size}, {args.steps} DDIM steps, medians of {args.repeats} runs each:")
     for name in variants:
-        print(f"  {name:32s} peak RSS {med(name, 'peak_rss_mb'):7.0f} MB ({med(name, 'peak_rss_mb') / ref['peak_rss_mb']:.2f}x)"
-              f"  step {med(name, 'step_median_s'):6.2f} s ({med(name, 'step_median_s') / ref['step_median_s']:.2f}x)"
+        rss, step = med(name, "peak_rss_mb"), med(name, "step_median_s")
+        print(f"  {name:32s} peak RSS {rss:7.0f} MB ({rss / ref['peak_rss_mb']:.2f}x)"
+              f"  step {step:6.2f} s ({step / ref['step_median_s']:.2f}x)"
               f"  load {med(name, 'load_s'):5.1f} s  call {med(name, 'call_s'):6.1f} s")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prior-guidance", type=float, default=None, help="prior guidance (default: the model's)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="apply a LoRA adapter (repeatable), to check that it leaves prompts without its trigger alone")
+    ap.add_argument("--precision", default=None, help="fp32, bf16, auto, ... (default: the library's, fp32)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--self-test", action="store_true", help="score the checker on rendered training images")
     args = ap.parse_args(argv)
@@ -247,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     from kandinsky.jobs import lora_spec
 
-    pipe = (Kandinsky21.from_pretrained(decoder=args.decoder, prior=args.prior) if args.decoder
-            else Kandinsky21.from_pretrained())
+    pipe = (Kandinsky21.from_pretrained(decoder=args.decoder, prior=args.prior, precision=args.precision)
+            if args.decoder else Kandinsky21.from_pretrained(precision=args.precision))
     pipe.set_loras([lora_spec(spec) for spec in args.lora])
     knobs = {"steps": args.steps, "guidance_scale": args.guidance, "prior_guidance_scale": args.prior_guidance,
              "sampler": args.sampler}

@@ -5,6 +5,11 @@ Full published config, random weights (shared between the two models), fp32 on C
 how the pipeline calls it) and reported on its own; diffusers recomputes it inside every forward.
 
     PYTHONPATH=src python bench/unet_step.py --sizes 32 64 --repeats 3
+    python bench/unet_step.py --sizes 64 --precision auto     # also ours in the precision auto chooses here
+
+With ``--precision`` other than fp32, ours also runs in that precision (a converted copy of the same weights):
+its time against diffusers' fp32 and the cosine similarity of its output to ours in fp32 (the quality gate of
+a lower precision is >= 0.999 per step).
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="fp32", help="also time ours in this precision (auto, bf16, fp16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -96,6 +102,18 @@ def main() -> None:
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)  # shares the weights, no copy
     ours.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in ours.parameters())
+    from kandinsky import precision
+
+    low = precision.resolve(args.precision)
+    low_name = precision.NAMES[low]
+    if args.precision == "auto":
+        print(f"precision auto: {precision.choose().precision} ({precision.choose().reason})")
+    ours_low = None
+    if low != torch.float32:
+        with torch.device("meta"):
+            ours_low = DecoderUNet(config)
+        ours_low.load_state_dict({k: v.to(low) for k, v in ref.state_dict().items()}, strict=True, assign=True)
+        ours_low.eval().requires_grad_(False)
     print(f"built models in {time.perf_counter() - t0:.1f}s: {n_params:,} parameters, {args.threads} threads, "
           f"batch {args.batch}, fp32, torch {torch.__version__}")
 
@@ -137,6 +155,19 @@ def main() -> None:
                   f"per CPU second (with 1 thread, the unshared-core view)")
             summary.append(f"{size}x{size} {t_ours / t_ref:.2f}x ({t_ours:.2f}s vs {t_ref:.2f}s, "
                            f"{100 * flops / t_ours / 1e9 / peak:.0f}% of peak)")
+            if ours_low is not None:
+                cond_low = ours_low.prepare_condition(image.to(low), pooled.to(low), hidden.to(low))
+                xl = x.to(low)
+                out_low = ours_low(xl, timestep, cond_low).float()  # warm-up (packs the weights)
+                low_runs = []
+                for _ in range(args.repeats):
+                    low_runs.append(timed_both(lambda xl=xl, c=cond_low: ours_low(xl, timestep, c))[0])
+                    ref_times.append(timed_both(lambda x=x: ref(x, timestep, hidden, added_cond_kwargs=added))[0])
+                t_low, t_ref2 = statistics.median(low_runs), statistics.median(ref_times)
+                cos = torch.nn.functional.cosine_similarity(out_low.flatten(), out.flatten(), dim=0).item()
+                print(f"    ours {low_name}: {t_low:.3f}s, ratio to diffusers fp32 {t_low / t_ref2:.3f}; cosine "
+                      f"similarity to ours fp32 {cos:.5f} (gate >= 0.999)")
+                summary.append(f"{size}x{size} {low_name} {t_low / t_ref2:.2f}x (cosine {cos:.4f})")
     print(f"summary, {args.threads} threads, ours/diffusers per forward (lower is better): " + ", ".join(summary))
 
 

@@ -209,3 +209,28 @@ def test_converted_copies_are_cached_and_memory_mapped(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("KANDINSKY_CACHE", str(blocker))  # cannot be written: the file itself
     assert io.load_file_as(path, torch.float16)["a"].dtype == torch.float32
+
+
+def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    full.pop(precision.ENV, None) if precision.ENV not in env else None
+    return subprocess.run([sys.executable, "-m", "kandinsky", *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_precision_is_recorded_as_the_dtype_it_ran_in(tmp_path):
+    small = ["--seed", "3", "--steps", "2", "--prior-steps", "2", "--json"]
+    out = _cli(["generate", "a red circle", "--precision", "bf16", "-o", "a.png", *small], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"][0]["parameters"]["dtype"] == "bfloat16"
+    out = _cli(["generate", "a red circle", "--precision", "auto", "-o", "b.png", *small], tmp_path,
+               **{precision.ENV: "fp32"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"][0]["parameters"]["dtype"] == "float32"
+    again = _cli(["generate", "--from", "a.png", "-o", "c.png", "--json"], tmp_path)  # the record's dtype again
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["images"][0]["parameters"]["dtype"] == "bfloat16"
+    bad = _cli(["generate", "x", "--precision", "bf16", "--dtype", "fp32", "-o", "d.png"], tmp_path)
+    assert bad.returncode == 2 and "disagree" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    bad = _cli(["generate", "x", "--precision", "int4"], tmp_path)
+    assert bad.returncode == 2 and "--precision" in bad.stderr

@@ -128,8 +128,10 @@ def load_file_as(path: Path, dtype: torch.dtype | None, device: torch.device | s
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        converted = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-        release_pages(state.values())
+        converted = {}
+        for k, v in state.items():  # the source's file pages go as soon as each tensor is converted
+            converted[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+            release_pages([v])
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             save_file(converted, str(tmp), metadata={"source": str(path.resolve()), "dtype": str(dtype)})
