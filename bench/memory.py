@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.impl == "ours":
         from kandinsky import Kandinsky21
 
-        pipe = Kandinsky21.from_pretrained(decoder=args.model, precision=args.precision, low_memory=args.low_memory)
+        extra = {"precision": args.precision} if args.precision != "fp32" else {}  # older versions: no precision
+        pipe = Kandinsky21.from_pretrained(decoder=args.model, low_memory=args.low_memory, **extra)
         load_s = time.time() - t0
         pipe.set_progress(lambda stage, done, total: stamps.append(time.time()))
         t1 = time.time()
@@ -62,8 +63,9 @@ def run(args: argparse.Namespace) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
-def _spawn(argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "run", *argv], capture_output=True, text=True)
+def _spawn(argv: list[str], env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "run", *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"run {argv} failed:\n{proc.stderr[-3000:]}")
@@ -74,13 +76,17 @@ def compare(args: argparse.Namespace) -> None:
     common = ["--model", str(args.model), "--size", str(args.size), "--steps", str(args.steps)] + (
         ["--threads", str(args.threads)] if args.threads else [])
     variants = {"diffusers": common + ["--impl", "diffusers"]}
+    envs: dict[str, dict[str, str]] = {}
+    if args.baseline:
+        variants["before (fp32)"] = common + ["--impl", "ours"]
+        envs["before (fp32)"] = {"PYTHONPATH": str(args.baseline.resolve() / "src")}
     for extra in args.ours or [""]:
         variants[f"ours {extra}".strip()] = common + ["--impl", "ours", *shlex.split(extra)]
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     for _ in range(args.repeats):
         for name, argv in variants.items():
-            r = _spawn(argv)
+            r = _spawn(argv, envs.get(name))
             r["load_after"] = round(os.getloadavg()[0], 2)
             rows[name].append(r)
             print(json.dumps(r), flush=True)
@@ -115,6 +121,9 @@ def main() -> int:
     c = sub.choices["compare"]
     c.add_argument("--repeats", type=int, default=2)
     c.add_argument("--ours", action="append", help="options of one 'ours' variant (repeatable), e.g. '--low-memory'")
+    c.add_argument("--baseline", type=Path, default=None,
+                   help="also run ours from this source tree (its src/ first on PYTHONPATH), e.g. a git worktree "
+                        "of an earlier commit, as 'before'")
     args = ap.parse_args()
     if args.cmd == "run":
         print(json.dumps(run(args)), flush=True)
