@@ -1,5 +1,13 @@
-"""Throughput of kandinsky on Ray, on this machine (bundled model, 64x64).
+"""Throughput and per-request overhead of kandinsky on Ray, on this machine (bundled model, 64x64).
 
+0. Overhead: one request (64x64, bundled model, ``--steps`` decoder and 2 prior steps, a fixed seed), sequential,
+   ``--repeat`` times after a warm-up, three ways with the same torch thread count (``--threads``, the replica's):
+   (a) ``PipelineEngine.run`` (what a model replica calls) in a plain process of its own, no Ray, no HTTP,
+   (b) ``POST /v1/txt2img`` to a ``kandinsky serve`` subprocess (adds HTTP, the queue, previews and the PNG/base64
+   answer), (c) the same request through Ray Serve with 1 model replica. The three run interleaved (a, b, c, a,
+   b, c...) so that a change in the machine's load hits all three alike; medians, overhead (c - a) / a and
+   (c - b) / b, and where (c)'s extra time goes (the answer's ``run_s``: from the job's start to its end in the
+   job store / server).
 1. Serve: the same workload (``--requests`` synchronous ``POST /v1/txt2img``, ``--concurrency`` at a time) on 1 model
    replica, then on 2 (one torch thread each); images/s, p50/p95 latency, and the scaling efficiency
    (throughput with 2 replicas / (2 x throughput with 1)).
@@ -9,6 +17,7 @@
 
     python bench/ray_scale.py                    # everything, a local Ray of all CPUs
     python bench/ray_scale.py --requests 16 --part serve --json
+    python bench/ray_scale.py --part overhead --repeat 30
 
 Prints the load average before and after: on a shared machine the numbers are only as good as it is idle.
 """
@@ -37,6 +46,278 @@ def percentile(values: list[float], q: float) -> float:
 
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ================================================================================================ overhead
+
+
+def _png_pixels(b64png: str) -> bytes:
+    import base64
+    import hashlib
+    import io
+
+    import PIL.Image
+
+    return hashlib.sha256(PIL.Image.open(io.BytesIO(base64.b64decode(b64png))).convert("RGB").tobytes()).digest()
+
+
+def engine_worker(threads: int) -> int:
+    """``--engine-worker``: load the bundled model with ``threads`` torch threads, then for each JSON request line
+    on stdin run it with ``PipelineEngine.run`` (what a model replica calls) and answer ``{"s": seconds,
+    "pixels": sha256 of the RGB pixels}``."""
+    import hashlib
+
+    import torch
+
+    from kandinsky.jobs import Job, ModelChoice
+    from kandinsky.server.engine import PipelineEngine
+
+    torch.set_num_threads(threads)
+    engine = PipelineEngine(ModelChoice())
+    engine.load()
+    for line in sys.stdin:
+        body = json.loads(line)
+        job = Job(mode="txt2img", prompt=body["prompt"], seed=body["seed"], width=body["width"],
+                  height=body["height"], steps=body["steps"], prior_steps=body["prior_steps"])
+        t0 = time.perf_counter()
+        (img, _), = engine.run(job, lambda *a, **k: None)
+        dt = time.perf_counter() - t0
+        digest = hashlib.sha256(img.convert("RGB").tobytes()).hexdigest()
+        print(json.dumps({"s": dt, "pixels": digest}), flush=True)
+    return 0
+
+
+def _wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server at {url} exited ({proc.returncode})")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).json().get("model") == "ready":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server at {url} was not ready within {timeout} s")
+
+
+class CpuMeter:
+    """CPU seconds used so far by each process below this one (Linux ``/proc``; empty elsewhere), leaving out the
+    ``exclude`` pids and what they started: with a local cluster, that is every Ray process (GCS, raylet, the
+    Serve controller, proxy and replicas, the job store, the agents)."""
+
+    def __init__(self, exclude: tuple[int, ...] = ()) -> None:
+        self.exclude = set(exclude)
+        self.names: dict[int, str] = {}
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def _stat(pid: int) -> list[str] | None:
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        return raw[raw.rindex(")") + 2:].split()  # fields from the state on (the name may hold spaces)
+
+    def _name(self, pid: int) -> str:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return "?"
+        first = argv[0]
+        if first.startswith("ray::"):  # Ray's process title: ray::Class[.method running now]
+            return first.split()[0].split(".")[0]
+        script = next((a for a in argv[1:] if a.endswith(".py")), None)
+        return Path(script or first).name
+
+    def sample(self) -> dict[int, float]:
+        """{pid: CPU seconds (user + system)} of the processes below this one."""
+        if not Path("/proc/self/stat").exists():
+            return {}
+        parent: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                fields = self._stat(int(entry.name))
+                if fields is not None:
+                    pid = int(entry.name)
+                    parent[pid] = int(fields[1])
+                    cpu[pid] = (int(fields[11]) + int(fields[12])) / self.tick
+        me, out = os.getpid(), {}
+        for pid in cpu:
+            p, chain = pid, []
+            while p in parent and p != me and p not in self.exclude and p > 1:
+                chain.append(p)
+                p = parent[p]
+            if p == me and pid not in self.exclude and chain:
+                out[pid] = cpu[pid]
+                name = self._name(pid)
+                if name != "?":
+                    self.names[pid] = name
+        return out
+
+    @staticmethod
+    def delta(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+        return {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+
+
+def _pid_cpu(pid: int) -> float:
+    fields = CpuMeter._stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / CpuMeter().tick
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """(a) in process, (b) ``kandinsky serve`` over HTTP, (c) Ray Serve over HTTP: the same request, interleaved."""
+    import httpx
+    from ray import serve
+
+    from kandinsky.ray.app import ServeOptions, build_app
+    from kandinsky.server import Limits, ServerConfig
+
+    threads = args.threads
+    body = {"prompt": "a red cat on a blue sofa", "seed": 7, "width": 64, "height": 64, "steps": args.steps,
+            "prior_steps": 2}
+    out: dict[str, Any] = {"threads": threads, "repeat": args.repeat, "request": body, "load_before": load()}
+
+    # (a) PipelineEngine.run in a plain process (no Ray, no HTTP), the replica's thread count
+    engine = subprocess.Popen([sys.executable, __file__, "--engine-worker", "--threads", str(threads)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run_a() -> tuple[float, None, bytes]:
+        engine.stdin.write(json.dumps(body) + "\n")
+        engine.stdin.flush()
+        line = engine.stdout.readline()
+        if not line:
+            raise SystemExit(f"the engine process exited ({engine.wait()})")
+        answer = json.loads(line)
+        return answer["s"], None, bytes.fromhex(answer["pixels"])
+
+    # (b) kandinsky serve, a subprocess with the same threads
+    port_b = _free_port()
+    url_b = f"http://127.0.0.1:{port_b}"
+    server = subprocess.Popen([sys.executable, "-m", "kandinsky", "serve", "--host", "127.0.0.1", "--port",
+                               str(port_b), "--threads", str(threads), "--log-level", "warning"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # (c) Ray Serve, 1 model replica
+    port_c = 18766
+    serve.start(http_options={"host": "127.0.0.1", "port": port_c})
+    url_c = f"http://127.0.0.1:{port_c}"
+    options = ServeOptions(server=ServerConfig(log_level="warning", limits=Limits(max_steps=1000)), replicas=1,
+                           num_cpus_per_replica=args.cpus_per_replica, threads_per_replica=threads,
+                           num_cpus_per_ingress=0.05)
+    serve.run(build_app(options), name="kandinsky", route_prefix="/")
+    clients: list[httpx.Client] = []
+    try:
+        _wait_ready(url_b, server)
+        _wait_ready(url_c)
+
+        def poster(url: str) -> Any:
+            client = httpx.Client(base_url=url, timeout=600)
+            clients.append(client)
+
+            def run() -> tuple[float, float, bytes]:
+                t0 = time.perf_counter()
+                r = client.post("/v1/txt2img", json=body)
+                dt = time.perf_counter() - t0
+                if r.status_code != 200:
+                    raise SystemExit(f"{url}: {r.status_code} {r.text[:300]}")
+                answer = r.json()
+                return dt, answer["timings"]["run_s"], _png_pixels(answer["images"][0]["image"])
+
+            return run
+
+        ways = {"a_engine": run_a, "b_kandinsky_serve": poster(url_b), "c_ray_serve": poster(url_c)}
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        run_s: dict[str, list[float]] = {k: [] for k in ways}
+        pixels: dict[str, bytes] = {}
+        for _ in range(args.warmup):
+            for way in ways.values():
+                way()
+        out["load_start"] = load()
+        print(f"overhead: {args.repeat} rounds of (a, b, c), {threads} torch thread(s) each; load {out['load_start']}",
+              flush=True)
+        # CPU seconds: (a) and (b) their own process, Ray's processes in every window (in those of (a) and (b)
+        # they are idle: their background rate)
+        meter = CpuMeter(exclude=(engine.pid, server.pid))
+        own = {"a_engine": engine.pid, "b_kandinsky_serve": server.pid}
+        own_cpu = dict.fromkeys(ways, 0.0)
+        ray_cpu: dict[str, dict[int, float]] = {k: {} for k in ways}
+        for _ in range(args.repeat):
+            for name, way in ways.items():
+                before, mine = meter.sample(), _pid_cpu(own[name]) if name in own else 0.0
+                dt, rs, px = way()
+                own_cpu[name] += (_pid_cpu(own[name]) - mine) if name in own else 0.0
+                for pid, used in meter.delta(before, meter.sample()).items():
+                    ray_cpu[name][pid] = ray_cpu[name].get(pid, 0.0) + used
+                times[name].append(dt)
+                if rs is not None:
+                    run_s[name].append(rs)
+                pixels.setdefault(name, px)
+        out["load_after"] = load()
+        n = args.repeat
+        idle_wall = sum(sum(times[k]) for k in own)
+        idle_cores = sum(sum(ray_cpu[k].values()) for k in own) / idle_wall if idle_wall else 0.0
+        by_name: dict[str, float] = {}
+        for pid, used in ray_cpu["c_ray_serve"].items():
+            name = meter.names.get(pid, str(pid))
+            by_name[name] = by_name.get(name, 0.0) + used / n
+        ray_total = sum(ray_cpu["c_ray_serve"].values()) / n
+        out["cpu_per_request_s"] = {
+            "a_engine": round(own_cpu["a_engine"] / n, 4),
+            "b_kandinsky_serve": round(own_cpu["b_kandinsky_serve"] / n, 4),
+            "c_ray_processes": round(ray_total, 4),
+            "c_ray_processes_less_idle": round(ray_total - idle_cores * statistics.mean(times["c_ray_serve"]), 4),
+            "c_by_process": {k: round(v, 4) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v >= 0.0005}}
+        out["ray_idle_cores"] = round(idle_cores, 4)
+        out["same_image"] = len(set(pixels.values())) == 1
+        replica_threads = httpx.get(f"{url_c}/v1/models", timeout=10).json()["models"][0].get("threads_per_replica")
+        out["replica_threads"] = replica_threads
+    finally:
+        for client in clients:
+            client.close()
+        server.terminate()
+        server.wait(30)
+        engine.stdin.close()
+        engine.wait(30)
+        serve.delete("kandinsky")
+        serve.shutdown()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    a, b, c = med["a_engine"], med["b_kandinsky_serve"], med["c_ray_serve"]
+    for name in ways:
+        out[name] = {"median_s": round(med[name], 4), "p10_s": round(percentile(times[name], 0.1), 4),
+                     "p90_s": round(percentile(times[name], 0.9), 4)}
+        if run_s[name]:
+            out[name]["run_median_s"] = round(statistics.median(run_s[name]), 4)
+    out["overhead_vs_in_process"] = round((c - a) / a, 4)
+    out["overhead_vs_kandinsky_serve"] = round((c - b) / b, 4)
+    out["serve_vs_in_process"] = round((b - a) / a, 4)
+    for name in ways:
+        r = out[name]
+        extra = f", job run {r['run_median_s']:.3f} s" if "run_median_s" in r else ""
+        print(f"  {name}: median {r['median_s']:.3f} s (p10 {r['p10_s']:.3f}, p90 {r['p90_s']:.3f}){extra}",
+              flush=True)
+    cpu = out["cpu_per_request_s"]
+    if cpu["c_ray_processes"]:
+        parts = ", ".join(f"{k.removeprefix('ray::')} {v * 1000:.0f}" for k, v in cpu["c_by_process"].items())
+        print(f"  CPU per request: (a) {cpu['a_engine'] * 1000:.0f} ms, (b) {cpu['b_kandinsky_serve'] * 1000:.0f} ms, "
+              f"(c) {cpu['c_ray_processes'] * 1000:.0f} ms in Ray's processes "
+              f"({cpu['c_ray_processes_less_idle'] * 1000:.0f} ms less their idle rate of "
+              f"{out['ray_idle_cores']:.3f} cores): {parts}", flush=True)
+    print(f"  Ray Serve overhead: {out['overhead_vs_in_process']:+.1%} vs in process ({(c - a) * 1000:+.0f} ms), "
+          f"{out['overhead_vs_kandinsky_serve']:+.1%} vs kandinsky serve ({(c - b) * 1000:+.0f} ms); kandinsky serve "
+          f"vs in process {out['serve_vs_in_process']:+.1%}; same image: {out['same_image']}; replica threads "
+          f"{replica_threads}; load {out['load_start']} -> {out['load_after']}", flush=True)
+    return out
 
 
 # ================================================================================================ Serve
@@ -169,9 +450,16 @@ def main() -> int:
     p.add_argument("--actors", type=int, default=2, help="kandinsky ray batch actors (default 2)")
     p.add_argument("--cpus-per-replica", type=float, default=0.9,
                    help="Ray CPUs per replica/actor (default 0.9: two fit on 2 CPUs with the ingress)")
-    p.add_argument("--part", choices=("all", "serve", "batch"), default="all")
+    p.add_argument("--repeat", type=int, default=20, help="overhead: rounds of (a, b, c) measured (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="overhead: rounds before measuring (default 3)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="overhead: torch threads of each of (a), (b) and the replica of (c) (default 1)")
+    p.add_argument("--part", choices=("all", "overhead", "serve", "batch"), default="all")
+    p.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object too")
     args = p.parse_args()
+    if args.engine_worker:
+        return engine_worker(args.threads)
 
     import ray
 
@@ -180,6 +468,8 @@ def main() -> int:
     results: dict[str, Any] = {"cpus": os.cpu_count(), "requests": args.requests, "steps": args.steps,
                                "load_start": load()}
     try:
+        if args.part in ("all", "overhead"):
+            results["overhead"] = bench_overhead(args)
         if args.part in ("all", "serve"):
             results["serve"] = bench_serve(args)
         if args.part in ("all", "batch"):

@@ -177,6 +177,92 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, dic
     return pixels(out), record
 
 
+# ============================================================================================== progress reports
+
+
+def recorder(stop_at: int | None = None) -> Any:
+    """An actor standing for the job store's ``report``: keeps every call (``log``), answers False (stop) from the
+    ``stop_at``-th step on. (Defined here so that Ray ships the class itself: workers cannot import this module.)"""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, list[tuple[str, int, int, Any]], Any]] = []
+
+        async def report(self, key: str, steps: list[tuple[str, int, int, Any]], where: Any = None) -> bool:
+            self.calls.append((key, steps, where))
+            return stop_at is None or sum(len(c[1]) for c in self.calls) < stop_at
+
+        async def log(self) -> list[tuple[str, list[tuple[str, int, int, Any]], Any]]:
+            return self.calls
+
+    actor = ray.remote(num_cpus=0)(Recorder).remote()
+    ray.get(actor.log.remote(), timeout=60)  # started
+    return actor
+
+
+LOOPS = [("prior", 2), ("decoder", 20)]
+
+
+def drive(reporter: Any, pause: float = 0.0, loops: list[tuple[str, int]] = LOOPS) -> list[tuple[str, int, int]]:
+    """Call ``reporter`` as the pipeline does (a 4-channel latent with every decoder step, ``pause`` seconds
+    apart); the steps called."""
+    import torch
+
+    called = []
+    for stage, total in loops:
+        for done in range(1, total + 1):
+            reporter(stage, done, total, torch.full((2, 4, 8, 8), float(done)) if stage == "decoder" else None)
+            called.append((stage, done, total))
+            time.sleep(pause)
+    return called
+
+
+@pytest.mark.timeout(120)
+def test_store_reporter_sends_every_step_in_order_with_fewer_calls(cluster: str) -> None:
+    from kandinsky.ray.model import StoreReporter
+
+    for interval, every, pause, most in ((3600.0, 0, 0.0, 4), (0.0, None, 0.0, 22), (0.0, 5, 0.01, 22)):
+        store = recorder()
+        reporter = StoreReporter(store, "key", {"replica": "r", "pid": 1}, preview_every=every)
+        reporter.interval = interval
+        called = drive(reporter, pause)
+        reporter.flush()
+        log = ray.get(store.log.remote())
+        # every step once, in order (one call in flight at a time: an async actor may run calls out of order),
+        # in fewer calls when they come fast: with a long interval, only the first step, the end of each sampling
+        # loop and the flush make one
+        assert [s[:3] for _, steps, _ in log for s in steps] == called
+        assert 2 <= len(log) == reporter.calls <= most, [len(steps) for _, steps, _ in log]
+        assert [where for _, _, where in log] == [{"replica": "r", "pid": 1}] + [None] * (len(log) - 1)
+        assert all(key == "key" for key, _, _ in log)
+        # latent rows (the first of the batch) only where the store makes a preview: every `every` decoder steps
+        # (0: total // 10), never the last; None: every decoder step
+        rows = {s[1]: s[3] for _, steps, _ in log for s in steps if s[0] == "decoder" and s[3] is not None}
+        want = range(1, 21) if every is None else range(every or 2, 20, every or 2)
+        assert sorted(rows) == list(want)
+        assert all(tuple(r.shape) == (1, 4, 8, 8) and float(r.max()) == float(r.min()) == d for d, r in rows.items())
+        assert not any(s[3] is not None for _, steps, _ in log for s in steps if s[0] == "prior")
+
+
+@pytest.mark.timeout(120)
+def test_store_reporter_stops_after_the_store_says_cancelled(cluster: str) -> None:
+    from kandinsky.ray.model import StoreReporter
+    from kandinsky.server.worker import JobCancelled
+
+    store = recorder(stop_at=5)  # answers False from the 5th step on
+    reporter = StoreReporter(store, "key", preview_every=0)
+    reporter.interval = 0.0
+    steps = [("decoder", 400)]
+    with pytest.raises(JobCancelled):
+        drive(reporter, 0.01, steps)  # up to 4 s for the answer to come back
+    reporter.flush()
+    log = [s[:2] for _, sent, _ in ray.get(store.log.remote()) for s in sent]
+    assert reporter.cancelled and len(log) >= 5 and log == [("decoder", d) for d in range(1, len(log) + 1)]
+    assert len(log) < 400
+    # with no store (direct use), nothing is sent and nothing stops
+    assert drive(StoreReporter(None, "key")) == [(stage, d, t) for stage, t in LOOPS for d in range(1, t + 1)]
+
+
 # ============================================================================================== Serve
 
 
@@ -287,7 +373,8 @@ class TestServe:
         replicas = model_replicas()
         assert len(replicas) == 2 and all(sum(s["batch_sizes"].values()) for s in replicas.values()), replicas
         assert any(s["batch_sizes"].get(2) for s in replicas.values()), replicas  # a batch of two ran
-        assert all(s["threads"] == 1 for s in replicas.values())
+        # one torch thread as configured, also in the thread that runs the jobs (Ray sets OMP_NUM_THREADS itself)
+        assert all(s["threads"] == s["run_threads"] == 1 for s in replicas.values()), replicas
         # each caller got its own images and seeds, equal to the same request alone (up to rounding: batching)
         for k, body in enumerate(bodies):
             alone = client.post("/v1/txt2img", json=body).json()["images"]

@@ -158,7 +158,8 @@ class ProxyWorker:
 
     def _state(self) -> dict[str, Any]:
         """The store's status, asked once per request (the asyncio task that handles it): ``/healthz`` reads
-        four values of one status, and a later request never sees an older one."""
+        four values of one status, a submission two (``draining``, ``ready``), and a later request never sees an
+        older one."""
         try:
             owner = asyncio.current_task()
         except RuntimeError:
@@ -193,6 +194,11 @@ class ProxyWorker:
             if description is not None:
                 self._engine.apply(description)
         return self._engine
+
+    @property
+    def draining(self) -> bool:
+        """True once the store's worker has begun to stop (no new jobs are taken)."""
+        return bool(self._state().get("draining"))
 
     @property
     def model_state(self) -> str:

@@ -117,7 +117,8 @@ class RemoteEngine(PipelineEngine):
         if task is not None:
             self._jobs[key] = task.id
         try:
-            return self._handle().run.remote(job, key, self._store).result()
+            every = getattr(report, "every", None)  # the worker's Progress: its preview period
+            return self._handle().run.remote(job, key, self._store, every).result()
         except RayTaskError as exc:  # the replica's code raised: raise that error itself
             cause = exc.cause if isinstance(exc.cause, BaseException) else None
             if isinstance(cause, JobCancelled) or type(cause).__name__ == "JobCancelled":

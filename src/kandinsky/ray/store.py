@@ -127,9 +127,11 @@ class JobStore:
         return self.engine.description
 
     async def status(self) -> dict[str, Any]:
-        """The model's state, the queue and the counts (``/healthz``)."""
+        """The model's state, the queue, the counts (``/healthz``) and whether the worker is draining (read before
+        every submission: one call answers both)."""
         w = self.worker
-        return {"model": w.model_state, "error": w.model_error, "queue": w.queue_info(), "counts": dict(w.counts)}
+        return {"model": w.model_state, "error": w.model_error, "queue": w.queue_info(), "counts": dict(w.counts),
+                "draining": w.draining}
 
     async def attribute(self, name: str) -> Any:
         """A plain attribute of the worker (``draining``...: what the server's routes read and this module does not
@@ -184,7 +186,12 @@ class JobStore:
 
     # ------------------------------------------------------------------ what the replicas tell
 
-    async def report(self, key: str, stage: str, done: int, total: int, latents: Any = None,
+    async def report(self, key: str, steps: list[tuple[str, int, int, Any]],
                      where: dict[str, Any] | None = None) -> bool:
-        """A replica's progress on the job ``key``; False: stop (cancelled)."""
-        return self.engine.report(key, stage, done, total, latents, where)
+        """A replica's progress on the job ``key``: its steps since the last call, in order, each
+        ``(stage, done, total, latents or None)``; False: stop (cancelled)."""
+        for stage, done, total, latents in steps:
+            if not self.engine.report(key, stage, done, total, latents, where):
+                return False
+            where = None
+        return True
