@@ -240,7 +240,8 @@ def test_store_reporter_sends_every_step_in_order_with_fewer_calls(cluster: str)
         rows = {s[1]: s[3] for _, steps, _ in log for s in steps if s[0] == "decoder" and s[3] is not None}
         want = range(1, 21) if every is None else range(every or 2, 20, every or 2)
         assert sorted(rows) == list(want)
-        assert all(tuple(r.shape) == (1, 4, 8, 8) and float(r.max()) == float(r.min()) == d for d, r in rows.items())
+        assert all(r.dtype == np.float32 and r.shape == (1, 4, 8, 8) and r.max() == r.min() == d
+                   for d, r in rows.items())
         assert not any(s[3] is not None for _, steps, _ in log for s in steps if s[0] == "prior")
 
 

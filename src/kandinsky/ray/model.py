@@ -40,8 +40,8 @@ class StoreReporter:
     :meth:`flush` sends what is left and waits until the store has taken it (before the result goes back).
 
     ``preview_every``: the store's preview period (its ``Progress.every``: 0 for about ten per loop), so that only
-    the decoder steps it makes a preview of carry a latent row (copied off the device); None sends one with every
-    decoder step."""
+    the decoder steps it makes a preview of carry a latent row (copied off the device, as a float32 numpy array);
+    None sends one with every decoder step."""
 
     wants_latents = True
     interval = 0.1  # seconds: steps closer together than this share one call
@@ -75,7 +75,7 @@ class StoreReporter:
             return
         row = None
         if getattr(latents, "ndim", 0) == 4 and self.wants_row(stage, done, total):
-            row = latents[:1].detach().float().cpu().clone()
+            row = latents[:1].detach().float().cpu().clone().numpy()  # numpy travels without torch's pickling
         self._steps.append((stage, done, total, row))
         now = time.monotonic()
         if self._in_flight is None and (self._sent is None or done >= total or now - self._sent >= self.interval):

@@ -136,13 +136,17 @@ class RemoteEngine(PipelineEngine):
 
     def report(self, key: str, stage: str, done: int, total: int, latents: Any = None,
                where: dict[str, Any] | None = None) -> bool:
-        """Progress from a replica (``where``: which one); False tells it to stop (the job was cancelled, or is
-        unknown here)."""
+        """Progress from a replica (``where``: which one; ``latents`` a tensor or a numpy array); False tells it to
+        stop (the job was cancelled, or is unknown here)."""
         from ..server.worker import JobCancelled
 
         target = self.reports.get(key)
         if target is None:
             return False
+        if latents is not None and not hasattr(latents, "detach"):  # numpy, as StoreReporter sends it
+            import torch
+
+            latents = torch.tensor(latents)  # a copy: what Ray hands over may be read-only
         if where is not None and key in self._jobs:
             self.placements[self._jobs[key]] = where
         try:
