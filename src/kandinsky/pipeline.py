@@ -634,9 +634,9 @@ class Kandinsky21:
         if sampler == "p_sampler":
             return spaced_timesteps(steps, total), schedule, lambda d, x, ts, known, progress: samplers.p_sampler(
                 d, x, schedule, ts, generator=generator, known=known, callback=progress)
-        # multistep solvers (diffusers' DPMSolverMultistep / UniPC defaults, optionally Karras sigmas)
-        timesteps, sigmas = solver_sigmas(schedule, steps, karras=sampler.endswith("_karras"))
-        solver = samplers.dpmpp_2m if sampler.startswith("dpmpp_2m") else samplers.unipc
+        # multistep solvers (diffusers' DPMSolverMultistep / UniPC, default, Karras or exponential sigmas)
+        solver, spacing = samplers.multistep(sampler, generator)
+        timesteps, sigmas = solver_sigmas(schedule, steps, spacing=spacing)
         return timesteps, schedule, lambda d, x, ts, known, progress: solver(
             d, x, schedule, ts, sigmas=sigmas[len(timesteps) - len(ts):], callback=progress)
 
@@ -851,6 +851,8 @@ class Kandinsky21:
     def _finish(self, pixels: torch.Tensor, output: str, **info: Any) -> Any:
         if self.original:  # the original crops the decoded image to the requested size
             pixels = pixels[..., : info["height"], : info["width"]]
+        elif info.get("width") is not None:  # a size off the model's grid comes out rounded up, as in diffusers:
+            info["height"], info["width"] = pixels.shape[-2:]  # the record says what the image is
         info["compat"] = self.compat
         if self._loras_used:
             info["loras"] = [[name, scale] for name, scale in self._loras_used]
