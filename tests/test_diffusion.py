@@ -151,29 +151,70 @@ def test_add_noise_matches_formula():
     assert out[1].mean().item() == pytest.approx(s.alphas_cumprod[298].sqrt().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("karras", [False, True], ids=["linspace", "karras"])
-@pytest.mark.parametrize("kind", ["dpmpp_2m", "unipc"])
-@pytest.mark.parametrize("steps", [1, 2, 7, 20])
-def test_multistep_solvers_match_diffusers(kind, karras, steps):
-    """DPM-Solver++(2M) and UniPC, default or Karras sigmas, step for step like diffusers' schedulers."""
+@pytest.mark.parametrize("spacing", ["linspace", "karras", "exponential"])
+@pytest.mark.parametrize("kind", ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc3"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 20])
+def test_multistep_solvers_match_diffusers(kind, spacing, steps):
+    """DPM-Solver++(2M) (ODE and SDE) and UniPC (order 2 and 3), with default, Karras or exponential sigmas, step
+    for step like diffusers' schedulers (the SDE with the same noise stream)."""
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    cls = DPMSolverMultistepScheduler if kind == "dpmpp_2m" else UniPCMultistepScheduler
-    sched = cls(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=karras)
+    options = {"use_karras_sigmas": spacing == "karras", "use_exponential_sigmas": spacing == "exponential"}
+    if kind.startswith("dpmpp_2m"):
+        algorithm = "sde-dpmsolver++" if kind == "dpmpp_2m_sde" else "dpmsolver++"
+        sched = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                                            algorithm_type=algorithm, **options)
+    else:
+        sched = UniPCMultistepScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                                        solver_order=3 if kind == "unipc3" else 2, **options)
     sched.set_timesteps(steps)
-    timesteps, sigmas = solver_sigmas(decoder_schedule(), steps, karras=karras)
+    timesteps, sigmas = solver_sigmas(decoder_schedule(), steps, spacing=spacing)
     assert timesteps == [int(t) for t in sched.timesteps]
     assert torch.equal(sigmas, sched.sigmas)
 
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     x = x0.clone()
+    g = torch.Generator().manual_seed(11)
     for t in sched.timesteps:
-        x = sched.step(_toy_eps(x, int(t))[:, :4], t, x).prev_sample
+        extra = {"generator": g} if kind == "dpmpp_2m_sde" else {}
+        x = sched.step(_toy_eps(x, int(t))[:, :4], t, x, **extra).prev_sample
+    solver, solver_spacing = samplers.multistep(kind if spacing == "linspace" else f"{kind}_{spacing}",
+                                                generator=torch.Generator().manual_seed(11))
+    assert solver_spacing == spacing
     seen = []
-    ours = getattr(samplers, kind)(_toy_eps, x0.clone(), decoder_schedule(), timesteps, sigmas=sigmas,
-                                   callback=lambda i, t, z: seen.append(t))
+    ours = solver(_toy_eps, x0.clone(), decoder_schedule(), timesteps, sigmas=sigmas,
+                  callback=lambda i, t, z: seen.append(t))
     assert seen == timesteps
     assert torch.allclose(ours, x, atol=1e-5, rtol=1e-5), (ours - x).abs().max()
+
+
+def test_multistep_names():
+    """Every multistep sampler name resolves to its solver and spacing; the others are refused."""
+    names = [s for s in samplers.SAMPLERS if s not in ("ddim", "ddpm", "p_sampler")]
+    assert len(names) == len(samplers.SOLVERS) * 3
+    assert samplers.multistep("unipc")[1] == "linspace" and samplers.multistep("dpmpp_2m_sde_karras")[1] == "karras"
+    assert samplers.multistep("unipc3_exponential")[1] == "exponential"
+    for bad in ("ddim", "unipc4", "unipc_karras_karras", "karras", "dpmpp_2m_exp"):
+        with pytest.raises(ValueError, match="multistep"):
+            samplers.multistep(bad)
+    with pytest.raises(ValueError, match="spacing"):
+        solver_sigmas(decoder_schedule(), 5, spacing="cosine")
+    with pytest.raises(ValueError, match="order"):
+        samplers.unipc(_toy_eps, torch.zeros(1, 4, 2, 2), decoder_schedule(), [999, 0], order=4)
+
+
+def test_sde_solver_draws_its_noise_from_the_generator():
+    """The SDE solver is reproducible per generator seed, differs between seeds, and differs from the ODE."""
+    timesteps, sigmas = solver_sigmas(decoder_schedule(), 8, spacing="karras")
+    x0 = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+
+    def run(seed):
+        return samplers.dpmpp_2m_sde(_toy_eps, x0.clone(), decoder_schedule(), timesteps, sigmas=sigmas,
+                                     generator=torch.Generator().manual_seed(seed))
+
+    ode = samplers.dpmpp_2m(_toy_eps, x0.clone(), decoder_schedule(), timesteps, sigmas=sigmas)
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1), atol=1e-3) and not torch.allclose(run(0), ode, atol=1e-3)
 
 
 def test_solver_timesteps_default_sigmas():
@@ -181,7 +222,7 @@ def test_solver_timesteps_default_sigmas():
     timesteps, sigmas = solver_sigmas(decoder_schedule(), 9)
     assert timesteps == solver_timesteps(9) and sigmas[-1] == 0
     x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    for sampler in (samplers.dpmpp_2m, samplers.unipc):
+    for sampler in (samplers.dpmpp_2m, samplers.unipc, samplers.multistep("unipc3")[0]):
         a = sampler(_toy_eps, x0.clone(), decoder_schedule(), timesteps)
         b = sampler(_toy_eps, x0.clone(), decoder_schedule(), timesteps, sigmas=sigmas)
         assert torch.allclose(a, b, atol=1e-6)
@@ -189,7 +230,8 @@ def test_solver_timesteps_default_sigmas():
         samplers.unipc(_toy_eps, x0, decoder_schedule(), timesteps, sigmas=sigmas[:-1])
 
 
-def test_unipc_recovers_known_x0():
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_recovers_known_x0(order):
     schedule = decoder_schedule()
     target = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(4))
     ac = schedule.alphas_cumprod
@@ -200,5 +242,46 @@ def test_unipc_recovers_known_x0():
     timesteps, sigmas = solver_sigmas(schedule, 6, karras=True)
     x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(6))
     # the oracle is exact at integer timesteps; Karras sigmas are continuous, so start on the model's own sigma
-    out = samplers.unipc(oracle, x * (1 - ac[999]).sqrt() + ac[999].sqrt() * target, schedule, timesteps)
+    out = samplers.unipc(oracle, x * (1 - ac[999]).sqrt() + ac[999].sqrt() * target, schedule, timesteps,
+                         order=order)
     assert torch.allclose(out, target, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde_karras", "unipc3_exponential"])
+def test_new_solvers_in_the_pipeline_match_diffusers(ours, decoder_pipe, prior_pipe, sampler):
+    """The pipeline runs the new names as diffusers' KandinskyPipeline with the matching scheduler, latents step for
+    step; the SDE draws its step noise from the call's generator after the initial latents, as diffusers does.
+    (Latents, not images: the tiny random MoVQ turns their float rounding into visible differences.)"""
+    from diffusers import DPMSolverMultistepScheduler
+    from test_speed_features import _embeds, _gen, _UniPC
+
+    emb, neg = _embeds(prior_pipe)
+    kw = dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas="karras" in sampler,
+              use_exponential_sigmas="exponential" in sampler)
+    if sampler.startswith("dpm"):
+        scheduler = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", **kw)
+    else:
+        scheduler = _UniPC.make(solver_order=3, **kw)
+    pipe = decoder_pipe[0]
+    old = pipe.scheduler
+    pipe.scheduler = scheduler
+    expected, got = [], []
+
+    def progress(stage, done, total, latents=None):
+        if stage == "decoder":
+            got.append(latents.clone())
+
+    progress.wants_latents = True
+    try:
+        pipe("a red circle", image_embeds=emb, negative_image_embeds=neg, height=64, width=64,
+             num_inference_steps=5, generator=_gen(1), output_type="np",
+             callback=lambda i, t, latents: expected.append(latents.clone()))
+        ours.set_progress(progress)
+        ours.text_to_image("a red circle", image_embeds=emb, negative_image_embeds=neg, height=64, width=64,
+                           steps=5, sampler=sampler, seed=1, output="np")
+    finally:
+        pipe.scheduler = old
+        ours.set_progress(False)
+    assert len(got) == len(expected) == 5
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max()), rtol=0), (a - b).abs().max()

@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 # ================================================================================================ vocabulary
 
 # kandinsky.diffusion.samplers.SAMPLERS (spelt out so that importing this module does not import torch)
-SAMPLER_CHOICES = ("ddim", "ddpm", "p_sampler", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "unipc_karras")
+SAMPLER_CHOICES = ("ddim", "ddpm", "p_sampler",
+                   "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_exponential",
+                   "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
+                   "unipc", "unipc_karras", "unipc_exponential",
+                   "unipc3", "unipc3_karras", "unipc3_exponential")
 INTERPOLATIONS = ("slerp", "lerp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")

@@ -9,6 +9,7 @@ the final sample. ``callback(i, t, x)`` is called after each step. Noise is draw
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,7 +19,13 @@ from .schedules import NoiseSchedule
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None] | None
 
-SAMPLERS = ("ddim", "ddpm", "p_sampler", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "unipc_karras")
+# the multistep solvers, each with diffusers' default sigmas, Karras (``_karras``) or exponential (``_exponential``)
+SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "unipc3")
+SAMPLERS = ("ddim", "ddpm", "p_sampler",
+            "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_exponential",
+            "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
+            "unipc", "unipc_karras", "unipc_exponential",
+            "unipc3", "unipc3_karras", "unipc3_exponential")
 
 
 def randn(shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype,
@@ -172,6 +179,22 @@ def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, times
     steps, e.g. Karras-spaced; by default the schedule's sigmas at ``timesteps``. Deterministic; the last step
     returns the final clean-sample estimate.
     """
+    return _dpmpp_2m(denoiser, x, schedule, timesteps, sigmas, False, None, callback)
+
+
+def dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
+                 sigmas: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE, as diffusers' DPMSolverMultistepScheduler with ``algorithm_type="sde-dpmsolver++"``
+    (midpoint): the data-prediction update of the SDE, which keeps e^-h of the sample's noise and draws the rest
+    afresh (float32 noise from ``generator`` at every step, the last included, where its weight is 0)."""
+    return _dpmpp_2m(denoiser, x, schedule, timesteps, sigmas, True, generator, callback)
+
+
+def _dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int],
+              sigmas: torch.Tensor | None, sde: bool, generator: torch.Generator | None,
+              callback: Callback) -> torch.Tensor:
+    """DPM-Solver++(2M): the ODE solver, or with ``sde`` the SDE solver (noise from ``generator``)."""
     sig = _sigmas_at(schedule, timesteps, sigmas)
     channels, dtype = x.shape[1], x.dtype
     prev_x0: torch.Tensor | None = None
@@ -181,14 +204,21 @@ def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, times
         x0 = (x - sigma_s * eps) / alpha_s
         alpha_t, sigma_t = _alpha_sigma(sig[i + 1])
         h = _lambda(sig[i + 1]) - _lambda(sig[i])
-        phi = alpha_t * (torch.exp(-h) - 1.0)
         xf = x.to(torch.float32)
-        if prev_x0 is None or i + 1 == len(timesteps):
-            x = (sigma_t / sigma_s) * xf - phi * x0
+        second = prev_x0 is not None and i + 1 < len(timesteps)
+        d1 = (1.0 / ((_lambda(sig[i]) - _lambda(sig[i - 1])) / h)) * (x0 - prev_x0) if second else None
+        if sde:
+            noise = randn(eps.shape, generator, torch.float32, eps.device)
+            decay = 1 - torch.exp(-2.0 * h)
+            x = (sigma_t / sigma_s * torch.exp(-h)) * xf + (alpha_t * decay) * x0
+            if d1 is not None:
+                x = x + 0.5 * (alpha_t * decay) * d1
+            x = x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
         else:
-            r0 = (_lambda(sig[i]) - _lambda(sig[i - 1])) / h
-            d1 = (1.0 / r0) * (x0 - prev_x0)
-            x = (sigma_t / sigma_s) * xf - phi * x0 - 0.5 * phi * d1
+            phi = alpha_t * (torch.exp(-h) - 1.0)
+            x = (sigma_t / sigma_s) * xf - phi * x0
+            if d1 is not None:
+                x = x - 0.5 * phi * d1
         x = x.to(dtype)
         prev_x0 = x0
         if callback is not None:
@@ -215,24 +245,29 @@ def _bh2(h: torch.Tensor, rks: list[torch.Tensor], order: int) -> tuple[torch.Te
 def _unipc_update(x: torch.Tensor, m: list[torch.Tensor], sig: torch.Tensor, t_index: int, s_index: int,
                   order: int, model_t: torch.Tensor | None = None) -> torch.Tensor:
     """One UniP (predictor, ``model_t`` None) or UniC (corrector with the new model output ``model_t``) step
-    from sigma index ``s_index`` to ``t_index``; ``m`` holds the data predictions, the newest (at s) last."""
+    of ``order`` from sigma index ``s_index`` to ``t_index``; ``m`` holds the data predictions at the sigma
+    indices up to ``s_index``, the newest (at s) last."""
     alpha_t, sigma_t = _alpha_sigma(sig[t_index])
     _, sigma_s0 = _alpha_sigma(sig[s_index])
     lambda_s0 = _lambda(sig[s_index])
     h = _lambda(sig[t_index]) - lambda_s0
     m0 = m[-1]
     rks, d1s = [], []
-    if order == 2:
-        rk = (_lambda(sig[s_index - 1]) - lambda_s0) / h
+    for k in range(1, order):
+        rk = (_lambda(sig[s_index - k]) - lambda_s0) / h
         rks.append(rk)
-        d1s.append((m[-2] - m0) / rk)
+        d1s.append((m[-(k + 1)] - m0) / rk)
     r, b, h_phi_1, b_h = _bh2(h, rks, order)
     d1 = torch.stack(d1s, dim=1) if d1s else None
     x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
     if model_t is None:  # predictor
         if d1 is None:
             return x_t.to(x.dtype)
-        rhos = (torch.ones(1, dtype=x.dtype) * 0.5).to(x.device)
+        if order == 2:
+            rhos = torch.ones(1, dtype=x.dtype) * 0.5
+        else:
+            rhos = torch.linalg.solve(r[:-1, :-1], b[:-1]).to(x.dtype)
+        rhos = rhos.to(x.device)
         return (x_t - alpha_t * b_h * torch.einsum("k,bkc...->bc...", rhos, d1)).to(x.dtype)
     rhos = torch.ones(1, dtype=x.dtype) * 0.5 if order == 1 else torch.linalg.solve(r, b).to(x.dtype)
     rhos = rhos.to(x.device)
@@ -241,30 +276,50 @@ def _unipc_update(x: torch.Tensor, m: list[torch.Tensor], sig: torch.Tensor, t_i
 
 
 def unipc(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,
-          sigmas: torch.Tensor | None = None, callback: Callback = None) -> torch.Tensor:
-    """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler with its defaults: order 2, B(h) = e^h - 1,
-    data prediction, the corrector after every model call, lower order at the start and the end.
+          sigmas: torch.Tensor | None = None, order: int = 2, callback: Callback = None) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), as diffusers' UniPCMultistepScheduler with its defaults: B(h) = e^h - 1,
+    data prediction, the corrector after every model call, lower order at the start and the end; ``order`` is
+    its ``solver_order`` (2, the default, or 3: UniPC-3 uses the last three data predictions).
 
     One model call per step (the corrector reuses the next step's call). ``sigmas`` as for :func:`dpmpp_2m`.
     """
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
     sig = _sigmas_at(schedule, timesteps, sigmas)
     channels, n = x.shape[1], len(timesteps)
     m: list[torch.Tensor] = []
     last_sample: torch.Tensor | None = None
-    order = 0
+    this_order = 0
     for i, t in enumerate(timesteps):
         eps, _ = _split(denoiser(x, t), channels)
         alpha_s, sigma_s = _alpha_sigma(sig[i])
         m_new = (x - sigma_s * eps) / alpha_s
         if last_sample is not None:  # correct the sample this output was computed at
-            x = _unipc_update(last_sample, m, sig, i, i - 1, order, model_t=m_new)
-        m = [*m[-1:], m_new]
-        order = min(2, n - i, i + 1)
+            x = _unipc_update(last_sample, m, sig, i, i - 1, this_order, model_t=m_new)
+        m = [*m, m_new][-order:]
+        this_order = min(order, n - i, i + 1)
         last_sample = x
-        x = _unipc_update(x, m, sig, i + 1, i, order)
+        x = _unipc_update(x, m, sig, i + 1, i, this_order)
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+def multistep(name: str, generator: torch.Generator | None = None) -> tuple[Callable[..., torch.Tensor], str]:
+    """A multistep sampler name of :data:`SAMPLERS` (a :data:`SOLVERS` entry, optionally ``_karras`` or
+    ``_exponential``) as ``(solver, spacing)``: the solver function, called ``solver(denoiser, x, schedule,
+    timesteps, sigmas=..., callback=...)`` (``generator`` bound where it draws noise), and the sigma spacing
+    for :func:`~kandinsky.diffusion.schedules.solver_sigmas`."""
+    base, spacing = name, "linspace"
+    for suffix in ("karras", "exponential"):
+        if name.endswith("_" + suffix):
+            base, spacing = name[: -len(suffix) - 1], suffix
+    if name not in SAMPLERS or base not in SOLVERS:
+        raise ValueError(f"{name!r} is not a multistep sampler; choose one of "
+                         f"{', '.join(s for s in SAMPLERS if s.startswith(SOLVERS))}")
+    solver = {"dpmpp_2m": dpmpp_2m, "dpmpp_2m_sde": functools.partial(dpmpp_2m_sde, generator=generator),
+              "unipc": unipc, "unipc3": functools.partial(unipc, order=3)}[base]
+    return solver, spacing
 
 
 def unclip(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], *,

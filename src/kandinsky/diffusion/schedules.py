@@ -125,26 +125,39 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
     return ((1 - w) * low + w * (low + 1)).item()
 
 
-def solver_sigmas(schedule: NoiseSchedule, steps: int, karras: bool = False,
-                  rho: float = 7.0) -> tuple[list[int], torch.Tensor]:
+SPACINGS = ("linspace", "karras", "exponential")
+
+
+def solver_sigmas(schedule: NoiseSchedule, steps: int, karras: bool = False, rho: float = 7.0, *,
+                  spacing: str | None = None) -> tuple[list[int], torch.Tensor]:
     """Timesteps and sigmas (float32, S + 1 values, the last 0) of diffusers' multistep solvers, sigma = √((1-ᾱ)/ᾱ).
 
-    ``karras=False``: :func:`solver_timesteps` and the schedule's sigmas there (diffusers' default);
-    ``karras=True``: Karras et al.'s ρ = 7 spacing of sigma between the schedule's extremes, each solved for at
-    its continuous sigma and given to the model at the nearest timestep (``use_karras_sigmas=True``).
+    ``spacing`` (one of :data:`SPACINGS`; ``karras=True`` is another way to say "karras"):
+    "linspace": :func:`solver_timesteps` and the schedule's sigmas there (diffusers' default);
+    "karras": Karras et al.'s ρ = 7 spacing of sigma between the schedule's extremes, each solved for at its
+    continuous sigma and given to the model at the nearest timestep (``use_karras_sigmas=True``);
+    "exponential": sigma evenly spaced in log sigma (= in log-SNR) between the same extremes, given to the model at
+    the timestep below its fractional one (diffusers truncates here: ``use_exponential_sigmas=True``).
     """
+    spacing = spacing or ("karras" if karras else "linspace")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown sigma spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     check_steps(steps, schedule.num_train_timesteps)
     ac = schedule.alphas_cumprod
     sigmas = np.array(((1 - ac) / ac) ** 0.5)  # float32, as diffusers computes it
-    if karras:
-        log_sigmas = np.log(sigmas)
-        s_min, s_max = sigmas[0].item(), sigmas[-1].item()
-        ramp = np.linspace(0, 1, steps)
-        chosen = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        timesteps = [int(v) for v in np.array([_sigma_to_t(s, log_sigmas) for s in chosen]).round()]
-    else:
+    if spacing == "linspace":
         timesteps = solver_timesteps(steps, schedule.num_train_timesteps)
         chosen = sigmas[timesteps]
+    else:
+        log_sigmas = np.log(sigmas)
+        s_min, s_max = sigmas[0].item(), sigmas[-1].item()
+        if spacing == "karras":
+            ramp = np.linspace(0, 1, steps)
+            chosen = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            timesteps = [int(v) for v in np.array([_sigma_to_t(s, log_sigmas) for s in chosen]).round()]
+        else:
+            chosen = np.exp(np.linspace(math.log(s_max), math.log(s_min), steps))
+            timesteps = [int(_sigma_to_t(s, log_sigmas)) for s in chosen]
     return timesteps, torch.from_numpy(np.concatenate([chosen, [0.0]]).astype(np.float32))
 
 
