@@ -48,6 +48,16 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
 # ================================================================================================ overhead
 
 
@@ -181,7 +191,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
     from ray import serve
 
-    from kandinsky.ray.app import ServeOptions, build_app
+    from kandinsky.ray.app import MODEL_DEPLOYMENT, ServeOptions, build_app
     from kandinsky.server import Limits, ServerConfig
 
     threads = args.threads
@@ -248,6 +258,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
         # CPU seconds: (a) and (b) their own process, Ray's processes in every window (in those of (a) and (b)
         # they are idle: their background rate)
+        model = serve.get_deployment_handle(MODEL_DEPLOYMENT, "kandinsky")
+        stats_before = model.stats.remote().result(timeout_s=60)
         meter = CpuMeter(exclude=(engine.pid, server.pid))
         own = {"a_engine": engine.pid, "b_kandinsky_serve": server.pid}
         own_cpu = dict.fromkeys(ways, 0.0)
@@ -265,6 +277,13 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                 pixels.setdefault(name, px)
         out["load_after"] = load()
         n = args.repeat
+        stats_after = model.stats.remote().result(timeout_s=60)
+        out["c_replica"] = {  # inside the model replica, per request: its pipeline call, its progress calls
+            "pipeline_mean_s": round((stats_after["busy_s"] - stats_before["busy_s"]) / n, 4),
+            "report_calls": round((stats_after["report_calls"] - stats_before["report_calls"]) / n, 2),
+            "threads": stats_after["threads"], "run_threads": stats_after["run_threads"]}
+        out["c_ray_serve_mean_s"] = round(statistics.mean(times["c_ray_serve"]), 4)
+        out["a_engine_mean_s"] = round(statistics.mean(times["a_engine"]), 4)
         idle_wall = sum(sum(times[k]) for k in own)
         idle_cores = sum(sum(ray_cpu[k].values()) for k in own) / idle_wall if idle_wall else 0.0
         by_name: dict[str, float] = {}
@@ -313,6 +332,11 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
               f"(c) {cpu['c_ray_processes'] * 1000:.0f} ms in Ray's processes "
               f"({cpu['c_ray_processes_less_idle'] * 1000:.0f} ms less their idle rate of "
               f"{out['ray_idle_cores']:.3f} cores): {parts}", flush=True)
+    rep = out.get("c_replica")
+    if rep:
+        print(f"  (c) inside the replica: pipeline call {rep['pipeline_mean_s']:.3f} s (mean; (a) "
+              f"{out['a_engine_mean_s']:.3f} s, (c) end to end {out['c_ray_serve_mean_s']:.3f} s), "
+              f"{rep['report_calls']:g} progress calls per request, torch threads {rep['run_threads']}", flush=True)
     print(f"  Ray Serve overhead: {out['overhead_vs_in_process']:+.1%} vs in process ({(c - a) * 1000:+.0f} ms), "
           f"{out['overhead_vs_kandinsky_serve']:+.1%} vs kandinsky serve ({(c - b) * 1000:+.0f} ms); kandinsky serve "
           f"vs in process {out['serve_vs_in_process']:+.1%}; same image: {out['same_image']}; replica threads "
@@ -455,6 +479,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="overhead: torch threads of each of (a), (b) and the replica of (c) (default 1)")
     p.add_argument("--part", choices=("all", "overhead", "serve", "batch"), default="all")
+    p.add_argument("--worker-niceness", type=int, default=0,
+                   help="niceness of the local cluster's workers (default 0, as `kandinsky ray serve` starts them; "
+                        "-1: Ray's default, 15)")
     p.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object too")
     args = p.parse_args()
@@ -463,10 +490,14 @@ def main() -> int:
 
     import ray
 
-    print(f"machine: {os.cpu_count()} CPUs, load average {load()}", flush=True)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "requests": args.requests, "steps": args.steps,
-                               "load_start": load()}
+    from kandinsky.ray.common import connect
+
+    niceness = None if args.worker_niceness < 0 else args.worker_niceness
+    print(f"machine: {os.cpu_count()} CPUs ({cpu_model()}), load average {load()}; Ray workers at niceness "
+          f"{'15 (Ray default)' if niceness is None else niceness}", flush=True)
+    connect(None, num_cpus=os.cpu_count(), worker_niceness=niceness)  # as `kandinsky ray serve` starts one
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "worker_niceness": niceness,
+                               "requests": args.requests, "steps": args.steps, "load_start": load()}
     try:
         if args.part in ("all", "overhead"):
             results["overhead"] = bench_overhead(args)

@@ -177,6 +177,31 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, dic
     return pixels(out), record
 
 
+NICENESS = """
+import os, sys
+import ray
+from kandinsky.ray.common import connect
+assert connect(None, num_cpus=1, temp_dir=sys.argv[1], worker_niceness=None if sys.argv[2] == "ray" else 0)
+print(ray.get(ray.remote(lambda: os.nice(0)).remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_cluster_started_here_runs_its_workers_at_normal_priority(tmp_path_factory: pytest.TempPathFactory
+                                                                    ) -> None:
+    # Ray starts workers at niceness 15: then any busy program on the machine takes the CPU from the model first
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    seen = {}
+    for which in ("ours", "ray"):
+        temp = tmp_path_factory.mktemp("n")  # short: Ray's socket paths must fit in 107 bytes
+        r = subprocess.run([sys.executable, "-c", NICENESS, str(temp), which], capture_output=True, text=True,
+                           env=env, timeout=150)
+        assert r.returncode == 0, r.stderr[-2000:]
+        seen[which] = int(r.stdout.strip().splitlines()[-1])
+    assert seen == {"ours": os.nice(0), "ray": 15}, seen
+
+
 # ============================================================================================== progress reports
 
 

@@ -32,12 +32,20 @@ def require_ray(what: str = "kandinsky.ray") -> Any:
     return ray
 
 
+WORKER_NICENESS = 0  # the niceness of the workers of a cluster this package starts (Ray's own default: 15)
+
+
 def connect(address: str | None = None, *, num_cpus: float | None = None, temp_dir: str | None = None,
-            quiet: bool = True) -> bool:
+            quiet: bool = True, worker_niceness: int | None = WORKER_NICENESS) -> bool:
     """Connect this process to Ray: ``address`` ``auto`` (a cluster started with ``ray start`` on this machine),
     ``ray://HOST:10001`` (Ray Client) or ``HOST:PORT`` (the GCS address); None starts a local cluster (with
     ``num_cpus``). Returns True when this call started (and so owns) the cluster; nothing is done when this
-    process is already connected."""
+    process is already connected.
+
+    A local cluster's workers (model replicas, the HTTP proxy, Ray Data actors) run at ``worker_niceness`` (0: the
+    priority of ``kandinsky serve`` and of any other program; None: Ray's default of 15, under which every other
+    busy process on the machine takes the CPU from the model first). A cluster started with ``ray start`` keeps
+    its own setting (``RAY_worker_niceness=0 ray start ...`` to change it)."""
     ray = require_ray()
     if ray.is_initialized():
         return False
@@ -50,6 +58,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, temp_d
         kwargs["num_cpus"] = num_cpus
     if temp_dir is not None:
         kwargs["_temp_dir"] = temp_dir
+    if worker_niceness is not None:
+        kwargs["_system_config"] = {"worker_niceness": int(worker_niceness)}
     ray.init(include_dashboard=False, **kwargs)
     return True
 

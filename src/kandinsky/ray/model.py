@@ -139,6 +139,7 @@ class ModelReplica:
         self.batch_sizes: Counter[int] = Counter()
         self.run_threads: int | None = None  # torch threads seen by the last job's thread
         self.report_calls = 0  # progress calls to the job store so far
+        self.busy_s = 0.0  # seconds in pipeline calls so far
         self._batched = None
         if max_batch_size > 1:
             from ray import serve
@@ -152,9 +153,10 @@ class ModelReplica:
 
     def stats(self) -> dict[str, Any]:
         """Batch sizes run so far (``{size: count}``), the pid, the thread count (as set, and as seen by the
-        thread that ran the last job) and the progress calls made to the job store."""
+        thread that ran the last job), the progress calls made to the job store and the seconds spent in
+        pipeline calls (what a request's time through Serve is compared with)."""
         return {"batch_sizes": dict(self.batch_sizes), "pid": os.getpid(), "threads": self.threads,
-                "run_threads": self.run_threads, "report_calls": self.report_calls}
+                "run_threads": self.run_threads, "report_calls": self.report_calls, "busy_s": self.busy_s}
 
     async def run(self, job: Job, key: str, store: Any, preview_every: int | None = None
                   ) -> list[tuple[Any, dict[str, Any]]]:
@@ -176,9 +178,11 @@ class ModelReplica:
         self.batch_sizes[1] += 1
         self.run_threads = torch.get_num_threads()  # in the thread that runs the job, not the constructor's
         reporter = StoreReporter(store, key, self.where, preview_every)
+        start = time.perf_counter()
         try:
             return [tuple(o) for o in self.engine.run(job, reporter)]
         finally:
+            self.busy_s += time.perf_counter() - start
             reporter.flush()
             self.report_calls += reporter.calls
 
@@ -214,11 +218,13 @@ class ModelReplica:
                     pass
 
             self.batch_sizes[len(members)] += 1
+            start = time.perf_counter()
             try:
                 with self.engine._lock:  # the engine's own lock: one pipeline call at a time
                     outputs = run_batched(self.engine.pipe, [items[i][0] for i in members], self.engine.model,
                                           progress)
             finally:
+                self.busy_s += time.perf_counter() - start
                 for reporter in reporters:
                     reporter.flush()
                     self.report_calls += reporter.calls
