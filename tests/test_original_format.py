@@ -429,11 +429,20 @@ def test_wrong_file_for_the_role(original):
         of.load_original(original, configs={**TINY, "unet": {"attention_head_dim": 24, "norm_num_groups": 8}})
 
 
-def test_missing_files_say_what_to_provide(original, tmp_path):
+def test_missing_files_say_what_to_provide(original, tmp_path, monkeypatch):
+    """Offline with nothing cached (an empty Hugging Face cache, no `clip` package), the CLIP tokenizer the
+    release lacks cannot be fetched: the error says how to get it."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from kandinsky.weights import original_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf"))
+    monkeypatch.setattr(original_hub, "BPE_PACKAGES", ())
     folder = tmp_path / "partial"
     shutil.copytree(original, folder, ignore=shutil.ignore_patterns("clip_tokenizer"))
-    with pytest.raises(FileNotFoundError, match="clip_tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"clip_tokenizer.*|kandinsky download original") as err:
         of.load_original(folder, configs=TINY)
+    assert "clip_tokenizer=" in str(err.value) and "`kandinsky download original`" in str(err.value)
     (folder / "movq_final.ckpt").unlink()
     with pytest.raises(FileNotFoundError, match="movq"):
         of.load_original(folder, clip_tokenizer=original / "clip_tokenizer", configs=TINY)

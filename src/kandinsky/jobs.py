@@ -626,8 +626,8 @@ def run_morph(pipe: Kandinsky21, job: Job, frames: Sequence[int] | None = None, 
 @dataclass
 class ModelChoice:
     """Which model to load and how: diffusers-layout folders (``model`` = the decoder; None = the bundled one)
-    or a folder of the ``original`` checkpoints, the dtype, the sampling ``compat``, the device and the speed
-    options."""
+    or the ``original`` release (a folder or its Hub id), the dtype, the sampling ``compat``, the device and the
+    speed options."""
 
     model: str | None = None
     prior: str | None = None
@@ -665,7 +665,10 @@ def add_model_arguments(p: argparse.ArgumentParser, speed: bool = False) -> None
     g.add_argument("--model", metavar="DIR", help="decoder folder (diffusers kandinsky-2-1 layout; default: bundled)")
     g.add_argument("--prior", metavar="DIR", help="prior folder (kandinsky-2-1-prior layout; default: bundled)")
     g.add_argument("--inpaint", metavar="DIR", help="inpainting decoder folder (default: bundled)")
-    g.add_argument("--original", metavar="DIR", help="a folder of the original (non-diffusers) checkpoints")
+    g.add_argument("--original", metavar="DIR|HUB_ID",
+                   help="the original (non-diffusers) release: a folder of its files, or its Hub id "
+                        "ai-forever/Kandinsky_2.1[@REV] (shortcut kandinsky-2-1-original); OpenAI's CLIP and its "
+                        "tokenizer are fetched as the release does")
     g.add_argument("--device", choices=DEVICES, help="default: auto (cuda, then mps, then cpu)")
     g.add_argument("--dtype", choices=DTYPES, help="default: auto (float16 on cuda, else float32)")
     g.add_argument("--compat", choices=COMPATS,
@@ -728,17 +731,18 @@ def load_pipeline(choice: ModelChoice, need: Sequence[str]) -> Loaded:
                  tile_decode={"on": True, "off": False}.get(choice.tile_decode or "auto"))
     if choice.original:
         original = optional_module("kandinsky.weights.original_format", "--original (the original checkpoint format)")
-        folder = Path(choice.original)
-        if not folder.is_dir():
+        from .weights import hub, original_hub
+
+        folder = Path(choice.original)  # a Hub id: the release's (a diffusers one is refused with what to use)
+        by_id = not folder.is_dir() and (original_hub.is_hub_id(choice.original) or hub.is_hub_id(choice.original))
+        if not by_id and not folder.is_dir():
             raise FileNotFoundError(f"original model folder not found: {folder}")
-        decoder, prior, inpaint = original.load_original(folder, device=device, dtype=torch_dtype,
-                                                         inpaint=None if "inpaint" in need else False)
-        if "inpaint" in need and inpaint is None:
-            raise FileNotFoundError(f"{folder} has no inpainting checkpoint")
+        decoder, prior, inpaint = original.load_original(choice.original if by_id else folder, device=device,
+                                                         dtype=torch_dtype, inpaint="inpaint" in need)
         pipe = Kandinsky21(decoder=decoder if "decoder" in need else None, prior=prior,
                            inpaint=inpaint if "inpaint" in need else None, device=device, dtype=torch_dtype,
                            compat=compat, **speed)
-        noted["original"] = str(folder.resolve())
+        noted["original"] = choice.original if by_id else str(folder.resolve())  # an id is recorded as given
         return Loaded(pipe, noted)
     folders: dict[str, Path] = {}
     for role, key in (("decoder", "model"), ("prior", "prior"), ("inpaint", "inpaint")):

@@ -152,6 +152,15 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     roles = ("decoder", "prior", "inpaint") if args.what == "all" else (args.what,)
     where: dict[str, str] = {}
+    if args.what == "original":  # the release's files, OpenAI's CLIP and the CLIP tokenizer
+        from ..weights import original_hub
+
+        note(args, f"original: {original_hub.ORIGINAL_REPO}" + (f"@{args.revision}" if args.revision else ""))
+        where = {k: str(v) for k, v in original_hub.download(args.revision, progress=show_progress(args)).items()}
+        roles = ()
+        if not args.json:
+            for key, path in where.items():
+                print(f"{key}: {path}")
     for role in roles:
         spec = hub.REPOS[role] + (f"@{args.revision}" if args.revision else "")
         note(args, f"{role}: {spec}")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jobs import MODE_KEYS, ModelChoice, lora_spec, mix_weights
-from ..weights import hub
+from ..weights import hub, original_hub
 from .common import CLIError, note
 
 
@@ -80,7 +80,8 @@ def model_choice(args: argparse.Namespace, record: dict[str, Any] | None = None)
             path = record.get(key)
             if getattr(choice, key) or not path or not isinstance(path, str):
                 continue
-            if Path(path).exists() or hub.is_hub_id(str(path)):  # a folder, or a Hub id (resolved when loading)
+            ids = original_hub if key == "original" else hub  # the release's ids include its shortcut
+            if Path(path).exists() or ids.is_hub_id(str(path)):  # a folder, or a Hub id (resolved when loading)
                 setattr(choice, key, path)
             else:
                 note(args, f"the recorded {key} folder {path} is missing; using the default")

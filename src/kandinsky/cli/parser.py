@@ -235,9 +235,14 @@ def build_parser(handlers: Mapping[str, Handler], argv: Sequence[str] = (),
                    help="print this machine's CPU, torch build and which fast paths are used (for bug reports)")
     output_flags(p)
 
-    p = command("download", "fetch the published diffusers-format weights from the Hugging Face Hub into its cache")
-    p.add_argument("what", nargs="?", choices=("all", "decoder", "prior", "inpaint"), default="all",
-                   help="which repositories (default: all three)")
+    p = command("download", "fetch the published weights from the Hugging Face Hub into its cache (or, offline, "
+                            "say where the cached ones are)")
+    p.add_argument("what", nargs="?", choices=("all", "decoder", "prior", "inpaint", "original"), default="all",
+                   help="all (default): the three diffusers-format repositories kandinsky-community/kandinsky-2-1"
+                        "[-prior|-inpaint], or one of them; original: the original release's files from "
+                        "ai-forever/Kandinsky_2.1 (both UNets, prior, MoVQ, M-CLIP: several GB) with OpenAI's CLIP "
+                        "ViT-L/14 (from OpenAI's URL, checksum-verified, into ~/.cache/kandinsky or "
+                        "$KANDINSKY_CACHE) and its tokenizer (openai/clip-vit-large-patch14), for --original")
     p.add_argument("--revision", metavar="R", help="a branch, tag or commit (default: main)")
     output_flags(p)
 

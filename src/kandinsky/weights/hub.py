@@ -32,7 +32,9 @@ class HubError(OSError):
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """huggingface_hub's rule: ``HF_HUB_OFFLINE``, or when it is unset ``TRANSFORMERS_OFFLINE``, is true."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse(spec: str) -> tuple[str, str | None] | None:

@@ -973,9 +973,11 @@ def clip_tokenizer_files_from_openai_bpe(bpe_path: str | Path, out_dir: str | Pa
     return out_dir
 
 
-def find_clip_tokenizer(folder: str | Path | None, clip_tokenizer: str | Path | None) -> Path:
+def find_clip_tokenizer(folder: str | Path | None, clip_tokenizer: str | Path | None, *, fetch: bool = True
+                        ) -> Path:
     """Where the prior's CLIP tokenizer is: ``clip_tokenizer`` if given, else ``<folder>/clip_tokenizer/``,
-    else OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` in ``folder``. Raises FileNotFoundError saying what to provide."""
+    else ``<folder>/bpe_simple_vocab_16e6.txt.gz``, else (``fetch``) OpenAI's, as
+    :func:`kandinsky.weights.original_hub.clip_tokenizer` finds or downloads it."""
     if clip_tokenizer is not None:
         path = Path(clip_tokenizer)
         if not path.exists():
@@ -985,6 +987,10 @@ def find_clip_tokenizer(folder: str | Path | None, clip_tokenizer: str | Path | 
         for candidate in (Path(folder) / CLIP_TOKENIZER_DIR, Path(folder) / OPENAI_BPE_FILE):
             if candidate.exists():
                 return candidate
+    if fetch:
+        from .original_hub import clip_tokenizer as openai_clip_tokenizer
+
+        return openai_clip_tokenizer()
     raise FileNotFoundError(
         "the original Kandinsky 2.1 files do not include the prior's CLIP tokenizer (OpenAI BPE). Pass "
         "clip_tokenizer= a transformers CLIPTokenizer folder (vocab.json + merges.txt, e.g. the tokenizer/ folder of "
@@ -1039,11 +1045,13 @@ def _default_file(folder: Path | None, role: str) -> Path | None:
 def resolve_original_paths(folder: str | Path | None = None, *, decoder: str | Path | None = None,
                            inpaint: str | Path | bool | None = None, prior: str | Path | None = None,
                            movq: str | Path | None = None, clip: str | Path | None = None,
-                           clip_stats: str | Path | None = None, text_encoder: str | Path | None = None
-                           ) -> OriginalPaths:
+                           clip_stats: str | Path | None = None, text_encoder: str | Path | None = None,
+                           fetch: bool = True) -> OriginalPaths:
     """Paths of the original files: explicit arguments win over the default names in ``folder``.
 
-    ``inpaint``: a path, None (use ``inpainting_fp16.ckpt`` if the folder has it) or False (skip).
+    ``inpaint``: a path, None (use ``inpainting_fp16.ckpt`` if the folder has it) or False (skip). OpenAI's
+    ``ViT-L-14.pt`` is not part of the release: when neither given nor in the folder, ``fetch`` takes it (once
+    every other file is found) from :func:`kandinsky.weights.original_hub.openai_clip`'s cache or OpenAI's URL.
     """
     base = Path(folder) if folder is not None else None
     if base is not None and not base.is_dir():
@@ -1052,6 +1060,8 @@ def resolve_original_paths(folder: str | Path | None = None, *, decoder: str | P
     found: dict[str, Path] = {}
     for role, value in given.items():
         path = Path(value) if value is not None else _default_file(base, role)
+        if path is None and role == "clip" and fetch:
+            continue  # fetched last
         if path is None:
             names = " / ".join(f"{s}.ckpt|.safetensors" for s in ORIGINAL_FILES[role])
             where = f"in {base}" if base is not None else "(no folder given)"
@@ -1073,6 +1083,10 @@ def resolve_original_paths(folder: str | Path | None = None, *, decoder: str | P
     if te is None or not te.is_dir():
         raise FileNotFoundError(f"M-CLIP text encoder folder not found: {te} (pass text_encoder=DIR holding "
                                 "config.json, pytorch_model.bin and the XLM-R tokenizer files)")
+    if "clip" not in found:
+        from .original_hub import openai_clip
+
+        found["clip"] = openai_clip()
     return OriginalPaths(decoder=found["decoder"], inpaint=inpaint_path, prior=found["prior"], movq=found["movq"],
                          clip=found["clip"], clip_stats=found["clip_stats"], text_encoder=te, folder=base)
 
@@ -1127,15 +1141,17 @@ def load_original(folder: str | Path | None = None, *, decoder: str | Path | Non
     """Load the original Kandinsky 2.1 files into ``(decoder, prior, inpaint)`` parts, as ``load_decoder`` /
     ``load_prior`` return them for diffusers folders.
 
-    ``folder`` supplies the default file names (SPEC 4.3; ``.safetensors`` versions preferred); any of
+    ``folder`` supplies the default file names (SPEC 4.3; ``.safetensors`` versions preferred), or is a Hub id
+    (``"ai-forever/Kandinsky_2.1[@REV]"``, shortcut ``"kandinsky-2-1-original"``) resolved by
+    :func:`kandinsky.weights.original_hub.resolve` (the inpainting UNet only with ``inpaint=True``); any of
     ``decoder``, ``inpaint``, ``prior``, ``movq``, ``clip`` (``ViT-L-14.pt``), ``clip_stats``
     (``ViT-L-14_stats.th``) and ``text_encoder`` (folder) given explicitly overrides it. ``inpaint=False`` skips
     the inpainting UNet; None loads it only if present.
 
     The file set has no tokenizer for the prior's CLIP text tower (OpenAI ships its BPE with the ``clip``
     package): ``clip_tokenizer`` is a transformers CLIPTokenizer folder or OpenAI's
-    ``bpe_simple_vocab_16e6.txt.gz``; by default ``<folder>/clip_tokenizer/`` or that file in ``folder``;
-    otherwise FileNotFoundError says what to provide.
+    ``bpe_simple_vocab_16e6.txt.gz``; by default ``<folder>/clip_tokenizer/`` or that file in ``folder``, else
+    OpenAI's own (:func:`find_clip_tokenizer`). Neither has ``ViT-L-14.pt``: it is fetched as the release does.
 
     ``dtype`` None means float16 on CUDA and float32 elsewhere (the fp16 files are upcast on CPU). Scheduler
     configs are the published ones (DDIM and DDPM for the decoders, UnCLIP for the prior); the image processor
@@ -1143,6 +1159,13 @@ def load_original(folder: str | Path | None = None, *, decoder: str | Path | Non
     ``"movq"`` (diffusers config keys, e.g. ``norm_num_groups``), ``"prior"`` (``attention_head_dim``),
     ``"clip_text"`` / ``"clip_vision"`` (transformers CLIP config keys, e.g. ``num_attention_heads``).
     """
+    if isinstance(folder, str) and not Path(folder).exists():
+        from . import hub
+        from .original_hub import is_hub_id, resolve
+
+        if is_hub_id(folder) or hub.is_hub_id(folder):  # the release's id, or a diffusers one resolve refuses
+            given = dict(decoder=decoder, prior=prior, movq=movq, clip_stats=clip_stats, text_encoder=text_encoder)
+            folder = resolve(folder, inpaint=inpaint is True, skip=[k for k, v in given.items() if v is not None])
     paths = resolve_original_paths(folder, decoder=decoder, inpaint=inpaint, prior=prior, movq=movq, clip=clip,
                                    clip_stats=clip_stats, text_encoder=text_encoder)
     tokenizer_path = find_clip_tokenizer(folder, clip_tokenizer)
