@@ -38,6 +38,7 @@ SAMPLER_CHOICES = ("ddim", "ddpm", "p_sampler",
 INTERPOLATIONS = ("slerp", "lerp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # kandinsky.precision.PRECISIONS
 COMPATS = ("diffusers", "original")  # kandinsky.pipeline.COMPATS
 
 COMMAND_MODE = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint", "mix": "mix",
@@ -634,6 +635,7 @@ class ModelChoice:
     inpaint: str | None = None
     original: str | None = None
     dtype: str | None = None  # DTYPES; None/auto: float16 on cuda, else float32
+    precision: str | None = None  # kandinsky.precision.PRECISIONS; another way to give dtype ("auto": measured)
     compat: str | None = None  # COMPATS; None: diffusers
     device: str | None = None  # DEVICES; None/auto: cuda, then mps, then cpu
     low_memory: bool = False
@@ -671,6 +673,9 @@ def add_model_arguments(p: argparse.ArgumentParser, speed: bool = False) -> None
                         "tokenizer are fetched as the release does")
     g.add_argument("--device", choices=DEVICES, help="default: auto (cuda, then mps, then cpu)")
     g.add_argument("--dtype", choices=DTYPES, help="default: auto (float16 on cuda, else float32)")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32, bf16, fp16, or auto: the fastest this CPU computes correctly (measured once, cached; "
+                        "`kandinsky info --system` shows it); another way to give --dtype")
     g.add_argument("--compat", choices=COMPATS,
                    help="diffusers (default) or original: the ai-forever repository's sampling semantics "
                         "(img2img strength = fraction kept, inpaint mask white = keep)")
@@ -725,6 +730,13 @@ def load_pipeline(choice: ModelChoice, need: Sequence[str]) -> Loaded:
         dtype = "float16" if device.type == "cuda" else "float32"
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if choice.precision is not None:
+        from . import precision
+
+        chosen = precision.resolve(choice.precision, device)
+        if choice.dtype not in (None, "auto") and chosen != torch_dtype:
+            raise ValueError(f"--dtype {choice.dtype} and --precision {choice.precision} disagree; give one of them")
+        torch_dtype, dtype = chosen, str(chosen).removeprefix("torch.")
     compat = choice.compat or "diffusers"
     noted: ModelNotes = {"dtype": dtype, "compat": compat}
     speed = dict(low_memory=bool(choice.low_memory), compile=bool(choice.compile),

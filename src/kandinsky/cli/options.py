@@ -85,6 +85,6 @@ def model_choice(args: argparse.Namespace, record: dict[str, Any] | None = None)
                 setattr(choice, key, path)
             else:
                 note(args, f"the recorded {key} folder {path} is missing; using the default")
-    if record and choice.dtype is None:
+    if record and choice.dtype is None and choice.precision is None:  # --precision chooses anew
         choice.dtype = record.get("dtype")
     return choice
