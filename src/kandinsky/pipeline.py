@@ -157,7 +157,8 @@ class Kandinsky21:
         or the shortcuts ``"kandinsky-2-1"``, ``"kandinsky-2-1-prior"``, ``"kandinsky-2-1-inpaint"``; see
         :mod:`kandinsky.weights.hub`); with no folder at all, the bundled model.
 
-        ``original=DIR`` loads the ai-forever release files instead (see
+        ``original=DIR`` (or its Hub id ``"ai-forever/Kandinsky_2.1[@rev]"``) loads the ai-forever release files
+        instead (see
         :func:`kandinsky.weights.original_format.load_original`; single files may be given as keywords such as
         ``clip=``, ``movq=``, ``clip_tokenizer=``). ``dtype`` None means float32, except for the fp16 original
         files on CUDA, which stay fp16. ``compat="original"`` switches to the original repository's sampling
