@@ -31,6 +31,12 @@ def run(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     embeds, negative = torch.randn(1, 768, generator=g), torch.randn(1, 768, generator=g)
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
+
+    def stamp(*_: object) -> None:
+        stamps.append(time.time())
+        cpu_stamps.append(time.process_time())
+
     t0 = time.time()
     if args.impl == "ours":
         from kandinsky import Kandinsky21
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> dict:
         extra = {"precision": args.precision} if args.precision != "fp32" else {}  # older versions: no precision
         pipe = Kandinsky21.from_pretrained(decoder=args.model, low_memory=args.low_memory, **extra)
         load_s = time.time() - t0
-        pipe.set_progress(lambda stage, done, total: stamps.append(time.time()))
+        pipe.set_progress(stamp)
         t1 = time.time()
         pipe.text_to_image("a red cat on a blue sofa", image_embeds=embeds, negative_image_embeds=negative,
                            width=args.size, height=args.size, steps=args.steps, sampler="ddim", seed=0, output="np")
@@ -53,13 +59,15 @@ def run(args: argparse.Namespace) -> dict:
         t1 = time.time()
         pipe("a red cat on a blue sofa", image_embeds=embeds, negative_image_embeds=negative, width=args.size,
              height=args.size, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
-             callback=lambda *a: stamps.append(time.time()), callback_steps=1, output_type="np")
+             callback=stamp, callback_steps=1, output_type="np")
         settings = {"dtype": "float32"}
     end = time.time()
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    cpu_steps = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:], strict=False)]
     return {"impl": args.impl, "settings": settings, "size": args.size, "threads": torch.get_num_threads(),
             "load_s": round(load_s, 2), "call_s": round(end - t1, 2),
             "step_median_s": round(statistics.median(steps), 3) if steps else None,
+            "step_cpu_median_s": round(statistics.median(cpu_steps), 3) if cpu_steps else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
@@ -98,9 +106,9 @@ def compare(args: argparse.Namespace) -> None:
     ref = {key: med("diffusers", key) for key in ("peak_rss_mb", "step_median_s", "load_s", "call_s")}
     print(f"\ndecoder only, {args.size}x{args.size}, {args.steps} DDIM steps, medians of {args.repeats} runs each:")
     for name in variants:
-        rss, step = med(name, "peak_rss_mb"), med(name, "step_median_s")
+        rss, step, cpu = med(name, "peak_rss_mb"), med(name, "step_median_s"), med(name, "step_cpu_median_s")
         print(f"  {name:32s} peak RSS {rss:7.0f} MB ({rss / ref['peak_rss_mb']:.2f}x)"
-              f"  step {step:6.2f} s ({step / ref['step_median_s']:.2f}x)"
+              f"  step {step:6.2f} s ({step / ref['step_median_s']:.2f}x), CPU {cpu:6.2f} s"
               f"  load {med(name, 'load_s'):5.1f} s  call {med(name, 'call_s'):6.1f} s")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
