@@ -158,7 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     opts = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.0, lora=True,
                            rank=args.rank, targets=args.targets, trigger_words=("cross", "крест"),
-                           save_every=max(args.steps // 4, 50), resolution=64, condition=args.condition)
+                           save_every=max(args.steps // 4, 50), resolution=64, condition=args.condition,
+                           text_drop=args.text_drop)
     wall, cpu = time.perf_counter(), time.process_time()
     finetune("decoder", ASSETS / "decoder", args.data, args.out, opts, prior=ASSETS / "prior")
     print(f"trained {args.steps} steps in {time.perf_counter() - wall:.0f} s wall, "
@@ -230,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--targets", default="attn+conv")
     t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--condition", choices=("image", "prior"), default="prior")
+    t.add_argument("--condition", choices=("image", "prior", "trigger"), default="prior")
+    t.add_argument("--text-drop", type=float, default=None,
+                   help="share of rows trained without their caption (default: the decoder stage's 0.5)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval")
     e.add_argument("--adapter", type=Path, required=True)

@@ -321,3 +321,82 @@ def test_server_offers_adapters_by_name_and_leaves_the_base_alone(tmp_path):
         assert bad.status_code == 422 and bad.json()["error"].startswith("loras[0].name: unknown LoRA adapter")
         bad = c.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:nope:1>", "steps": 2, "width": 64, "height": 64})
         assert bad.status_code == 422 and "unknown LoRA adapter 'nope'" in bad.text
+
+
+def test_decoder_text_drop_option(tmp_path):
+    """`FinetuneOptions.text_drop` sets how many decoder rows train without their caption: 0 keeps every caption
+    (a new concept is learned from its word, not from the image embedding alone), 1 drops them all, the default
+    is the decoder stage's share; a value outside [0, 1] is refused before anything loads."""
+    import json
+    import random
+    from types import SimpleNamespace
+
+    from kandinsky.diffusion.schedules import NoiseSchedule
+    from kandinsky.pipeline import ASSETS
+    from kandinsky.train import finetune as ft
+    from kandinsky.train.decoder import TEXT_DROP
+
+    class Recorder(torch.nn.Module):
+        config = SimpleNamespace(in_channels=4)
+
+        def __init__(self):
+            super().__init__()
+            self.rows: list[int] = []
+
+        def prepare_condition(self, image, pooled, hidden, cache_kv=True):
+            self.rows += pooled[:, 0].long().tolist()
+
+        def forward(self, x, t, cond):
+            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    n = 6
+    data = ft.DecoderData(latents=torch.zeros(n, 4, 2, 2), image=torch.ones(n, 3), zero=torch.zeros(1, 3),
+                          pooled=torch.arange(n + 1.0)[:, None].repeat(1, 3), hidden=torch.zeros(n + 1, 77, 3))
+    config = json.loads((ASSETS / "decoder" / "scheduler" / "scheduler_config.json").read_text())
+    schedule = NoiseSchedule.from_config(config)
+
+    def dropped(**kw) -> float:
+        unet, gen, rng = Recorder(), torch.Generator().manual_seed(0), random.Random(0)
+        for _ in range(50):
+            ft.decoder_loss(unet, schedule, data, torch.arange(n), gen, rng, **kw)
+        return float(np.mean([r == n for r in unet.rows]))
+
+    assert dropped(text_drop=0.0) == 0.0
+    assert dropped(text_drop=1.0) == 1.0
+    assert abs(dropped() - TEXT_DROP) < 0.06 and abs(dropped(text_drop=0.1) - 0.1) < 0.04
+    assert ft.FinetuneOptions().text_drop is None
+    with pytest.raises(ValueError, match="text_drop"):
+        ft.finetune("decoder", ASSETS / "decoder", tmp_path / "missing", tmp_path / "out",
+                    ft.FinetuneOptions(lora=True, text_drop=1.5), prior=ASSETS / "prior")
+
+
+def test_trigger_condition_samples_the_prior_for_trigger_captions_only(tmp_path):
+    """`condition="trigger"`: captions with a trigger word get the prior's embedding of the caption (the prior
+    has never seen the word), the others the CLIP embedding of their own image, as the base decoder trained."""
+    import random
+
+    from kandinsky.train import finetune as ft
+    from kandinsky.train import shapes
+
+    assert ft.mentions("Красный крестом на синем фоне", ["крест"]) and ft.mentions("a red Cross", ["cross"])
+    assert not ft.mentions("a red acrosss", ["cross"]) and not ft.mentions("a red square", ["cross", ""])
+    rng = random.Random(3)
+    pairs = []
+    for i in range(4):
+        scene = shapes.random_scene(rng, two_objects=0.0)
+        PIL.Image.fromarray(shapes.render(scene, 64)).save(tmp_path / f"{i}.png")
+        pairs.append((tmp_path / f"{i}.png", ("zq " if i % 2 else "") + shapes.caption(scene, rng, "en")))
+    pipe = Kandinsky21.from_pretrained()
+    cpu = torch.device("cpu")
+    plain = ft.prepare_decoder_data(pipe.decoder, pipe.prior, pairs, 64, cpu, "image")
+    mixed = ft.prepare_decoder_data(pipe.decoder, pipe.prior, pairs, 64, cpu, "trigger", trigger_words=("zq",))
+    sampled = pipe.prior_embeds([pairs[1][1], pairs[3][1]], steps=int(pipe.prior.defaults.get("steps", 25)),
+                                guidance_scale=float(pipe.prior.defaults.get("guidance_scale", 4.0)), seed=0).image
+    torch.testing.assert_close(mixed.image[[0, 2]], plain.image[[0, 2]])
+    torch.testing.assert_close(mixed.image[[1, 3]], sampled)
+    assert not torch.allclose(mixed.image[[1, 3]], plain.image[[1, 3]], atol=1e-3)
+    torch.testing.assert_close(mixed.latents, plain.latents)
+    with pytest.raises(ValueError, match="trigger words"):
+        ft.prepare_decoder_data(pipe.decoder, pipe.prior, pairs, 64, cpu, "trigger")
+    with pytest.raises(ValueError, match="condition must be one of"):
+        ft.prepare_decoder_data(pipe.decoder, pipe.prior, pairs, 64, cpu, "text")

@@ -14,6 +14,7 @@ import contextlib
 import csv
 import functools
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,13 @@ class FinetuneOptions:
     targets: str = "attn"  # attn | attn+conv | all (train.lora.target_modules)
     trigger_words: tuple[str, ...] = ()
     # the decoder's image embedding: "image" (CLIP of the training image) or "prior" (the prior's sample for the
-    # caption, what text-to-image feeds the decoder: teaches a concept the prior does not know from the text)
+    # caption, what text-to-image feeds the decoder: teaches a concept the prior does not know from the text) or
+    # "trigger" (the prior's sample for captions with a trigger word, the CLIP image embedding for the others)
     condition: str = "image"
+    # the share of decoder training rows whose caption is replaced by "" (default: the decoder stage's, for
+    # guidance); with a new concept, every row trained without its caption teaches the image embedding alone to
+    # draw it, so that prompts without the trigger whose prior embedding is near start drawing it too
+    text_drop: float | None = None
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -170,26 +176,46 @@ class DecoderData:
     hidden: torch.Tensor  # (N + 1, 77, W)
 
 
+CONDITIONS = ("image", "prior", "trigger")
+
+
+def mentions(caption: str, words: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``caption`` has a word starting with one of ``words`` (any case: "крест" finds "крестом")."""
+    return any(re.search(r"(?<!\w)" + re.escape(w), caption, re.IGNORECASE) for w in words if w)
+
+
 @torch.no_grad()
 def prepare_decoder_data(parts: DecoderParts, prior: PriorParts, pairs: list[tuple[Path, str]], size: int,
-                         device: torch.device, condition: str = "image", seed: int = 0) -> DecoderData:
+                         device: torch.device, condition: str = "image", seed: int = 0,
+                         trigger_words: tuple[str, ...] = ()) -> DecoderData:
+    """Latents, image embeddings and text features of ``pairs``. ``condition``: "image" embeds each image with
+    CLIP (the decoder's own training condition), "prior" samples the prior on each caption (what text-to-image
+    feeds the decoder), "trigger" does the latter for the captions that mention a trigger word only, so that
+    ordinary scenes keep the base model's objective (the adapter has nothing to change there)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {condition!r}")
     images = [imaging.open_image(p).convert("RGB") for p, _ in pairs]
     pixels = torch.cat([imaging.to_model_range(im, size, size) for im in images]).to(device)
     latents = torch.cat([parts.movq.encode(pixels[i: i + 8]) for i in range(0, len(pixels), 8)])
-    if condition == "prior":
+    clip_px = imaging.clip_preprocess(images, prior.image_processor_config).to(device)
+    image = torch.cat([clip_image_embeds(prior.image_encoder, clip_px[i: i + 64]) for i in range(0, len(pairs), 64)])
+    if condition == "trigger":
+        if not trigger_words:
+            raise ValueError("condition 'trigger' needs trigger words: the captions that mention one are "
+                             "conditioned on the prior's embedding")
+        rows = [i for i, (_, c) in enumerate(pairs) if mentions(c, trigger_words)]
+    else:
+        rows = list(range(len(pairs))) if condition == "prior" else []
+    if rows:
         from ..pipeline import Kandinsky21
 
         sampler = Kandinsky21(prior=prior, device=device)
         steps = int(prior.defaults.get("steps", 25))  # the prior folder's recommended settings
         guidance = float(prior.defaults.get("guidance_scale", 4.0))
-        image = torch.cat([sampler.prior_embeds([c for _, c in pairs[i: i + 32]], steps=steps,
-                                                guidance_scale=guidance, seed=seed + i).image
-                           for i in range(0, len(pairs), 32)])
-    elif condition == "image":
-        clip_px = imaging.clip_preprocess(images, prior.image_processor_config).to(device)
-        image = clip_image_embeds(prior.image_encoder, clip_px)
-    else:
-        raise ValueError(f"condition must be 'image' or 'prior', got {condition!r}")
+        sampled = torch.cat([sampler.prior_embeds([pairs[r][1] for r in rows[i: i + 32]], steps=steps,
+                                                  guidance_scale=guidance, seed=seed + i).image
+                             for i in range(0, len(rows), 32)])
+        image[torch.tensor(rows, device=image.device)] = sampled.to(image.dtype)
     s = prior.image_encoder.config.image_size
     zero = clip_image_embeds(prior.image_encoder, torch.zeros(1, 3, s, s, device=device))
     captions = [c for _, c in pairs] + [""]
@@ -199,11 +225,13 @@ def prepare_decoder_data(parts: DecoderParts, prior: PriorParts, pairs: list[tup
 
 
 def decoder_loss(unet: nn.Module, schedule: NoiseSchedule, d: DecoderData, idx: torch.Tensor,
-                 gen: torch.Generator, rng: random.Random, *, dropout: bool = True) -> dict[str, torch.Tensor]:
-    """The decoder objective on rows ``idx`` of the cached data (noise and dropout drawn from ``gen``/``rng``)."""
+                 gen: torch.Generator, rng: random.Random, *, dropout: bool = True,
+                 text_drop: float = TEXT_DROP) -> dict[str, torch.Tensor]:
+    """The decoder objective on rows ``idx`` of the cached data (noise and dropout drawn from ``gen``/``rng``;
+    a row's caption is dropped with probability ``text_drop``, its image embedding with ``IMAGE_DROP``)."""
     dev = d.latents.device
     b = len(idx)
-    text_rows = torch.tensor([len(d.pooled) - 1 if dropout and rng.random() < TEXT_DROP else int(i)
+    text_rows = torch.tensor([len(d.pooled) - 1 if dropout and rng.random() < text_drop else int(i)
                               for i in idx.tolist()])
     drop_img = (torch.rand(b, 1, generator=gen) < IMAGE_DROP).to(dev) if dropout else torch.zeros(b, 1, dtype=bool,
                                                                                                    device=dev)
@@ -270,6 +298,9 @@ def finetune(component: str, model: Path | str, data: Path | str, out: Path | st
         raise ValueError(f"component must be 'decoder' or 'prior', got {component!r}")
     if opts.lora and component != "decoder":
         raise ValueError("LoRA fine-tuning adapts the decoder UNet (styles, subjects); use component 'decoder'")
+    text_drop = TEXT_DROP if opts.text_drop is None else float(opts.text_drop)
+    if not 0.0 <= text_drop <= 1.0:
+        raise ValueError(f"text_drop must be in [0, 1], got {opts.text_drop!r}")
     model, out = Path(model), Path(out)
     device = _resolve_device(opts.device)
     pairs = read_pairs(Path(data))
@@ -283,7 +314,8 @@ def finetune(component: str, model: Path | str, data: Path | str, out: Path | st
         parts = load_decoder(model, device=device)
         prior_parts = load_prior(prior, device=device)
         size = opts.resolution or int(parts.defaults.get("width", 512))
-        cached = prepare_decoder_data(parts, prior_parts, pairs, size, device, opts.condition, opts.seed)
+        cached = prepare_decoder_data(parts, prior_parts, pairs, size, device, opts.condition, opts.seed,
+                                      tuple(opts.trigger_words))
         del prior_parts
         net: nn.Module = parts.unet
         net.gradient_checkpointing = opts.gradient_checkpointing
@@ -291,7 +323,7 @@ def finetune(component: str, model: Path | str, data: Path | str, out: Path | st
         weights_dir, stem = "unet", "diffusion_pytorch_model"
 
         def loss_fn(idx: torch.Tensor, gen: torch.Generator, rng: random.Random) -> dict[str, torch.Tensor]:
-            return decoder_loss(net, schedule, cached, idx, gen, rng)
+            return decoder_loss(net, schedule, cached, idx, gen, rng, text_drop=text_drop)
     else:
         parts = load_prior(model, device=device)
         cached = prepare_prior_data(parts, pairs, device)
