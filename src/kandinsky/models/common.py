@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -61,9 +61,16 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
     libc = _libc()
     if libc is None:
         return 0
-    page = _page_size()
     done = 0
-    seen: set[int] = set()
+    for start, end in _page_ranges(tensors):
+        if libc.madvise(start, end - start, _MADV_PAGEOUT) == 0:
+            done += end - start
+    return done
+
+
+def _page_ranges(tensors: Iterable[torch.Tensor]) -> Iterator[tuple[int, int]]:
+    """The whole pages inside each distinct CPU storage of ``tensors``: (start, end) addresses, end > start."""
+    page, seen = _page_size(), set()
     for t in tensors:
         if t.device.type != "cpu" or t.is_meta or t.numel() == 0:
             continue
@@ -73,9 +80,8 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
             continue
         seen.add(ptr)
         start, end = -(-ptr // page) * page, (ptr + size) // page * page
-        if end > start and libc.madvise(start, end - start, _MADV_PAGEOUT) == 0:
-            done += end - start
-    return done
+        if end > start:
+            yield start, end
 
 
 _MADV_DONTNEED = 4
@@ -128,21 +134,13 @@ def release_pages(tensors: Iterable[torch.Tensor]) -> int:
     mappings = _file_mappings()
     if not mappings:
         return 0
-    page, done, seen = _page_size(), 0, set()
+    page, done = _page_size(), 0
     try:
         pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - closed below
     except OSError:
         return 0
     with pagemap:
-        for t in tensors:
-            if t.device.type != "cpu" or t.is_meta or t.numel() == 0:
-                continue
-            storage = t.untyped_storage()
-            ptr, size = storage.data_ptr(), storage.nbytes()
-            if ptr in seen:
-                continue
-            seen.add(ptr)
-            start, end = -(-ptr // page) * page, (ptr + size) // page * page
+        for start, end in _page_ranges(tensors):
             for m_start, m_end in mappings:
                 lo, hi = max(start, m_start), min(end, m_end)
                 if hi > lo and _all_file_pages(pagemap, lo, hi, page) \
