@@ -220,14 +220,14 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # (c) Ray Serve, 1 model replica
     port_c = 18766
-    serve.start(http_options={"host": "127.0.0.1", "port": port_c})
     url_c = f"http://127.0.0.1:{port_c}"
     options = ServeOptions(server=ServerConfig(log_level="warning", limits=Limits(max_steps=1000)), replicas=1,
                            num_cpus_per_replica=args.cpus_per_replica, threads_per_replica=threads,
                            num_cpus_per_ingress=0.05)
-    serve.run(build_app(options), name="kandinsky", route_prefix="/")
     clients: list[httpx.Client] = []
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port_c})
+        serve.run(build_app(options), name="kandinsky", route_prefix="/")
         _wait_ready(url_b, server)
         _wait_ready(url_c)
 
@@ -305,10 +305,12 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         for client in clients:
             client.close()
         server.terminate()
-        server.wait(30)
         engine.stdin.close()
-        engine.wait(30)
-        serve.delete("kandinsky")
+        for proc in (server, engine):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         serve.shutdown()
     med = {k: statistics.median(v) for k, v in times.items()}
     a, b, c = med["a_engine"], med["b_kandinsky_serve"], med["c_ray_serve"]
