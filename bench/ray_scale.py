@@ -89,11 +89,11 @@ def engine_worker(threads: int) -> int:
         body = json.loads(line)
         job = Job(mode="txt2img", prompt=body["prompt"], seed=body["seed"], width=body["width"],
                   height=body["height"], steps=body["steps"], prior_steps=body["prior_steps"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         (img, _), = engine.run(job, lambda *a, **k: None)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
         digest = hashlib.sha256(img.convert("RGB").tobytes()).hexdigest()
-        print(json.dumps({"s": dt, "pixels": digest}), flush=True)
+        print(json.dumps({"s": dt, "cpu": cpu, "pixels": digest}), flush=True)
     return 0
 
 
@@ -203,6 +203,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     engine = subprocess.Popen([sys.executable, __file__, "--engine-worker", "--threads", str(threads)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
+    engine_cpu: list[float] = []
+
     def run_a() -> tuple[float, None, bytes]:
         engine.stdin.write(json.dumps(body) + "\n")
         engine.stdin.flush()
@@ -210,6 +212,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         if not line:
             raise SystemExit(f"the engine process exited ({engine.wait()})")
         answer = json.loads(line)
+        engine_cpu.append(answer["cpu"])
         return answer["s"], None, bytes.fromhex(answer["pixels"])
 
     # (b) kandinsky serve, a subprocess with the same threads
@@ -223,7 +226,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     url_c = f"http://127.0.0.1:{port_c}"
     options = ServeOptions(server=ServerConfig(log_level="warning", limits=Limits(max_steps=1000)), replicas=1,
                            num_cpus_per_replica=args.cpus_per_replica, threads_per_replica=threads,
-                           num_cpus_per_ingress=0.05)
+                           num_cpus_per_ingress=0.05, progress_interval_s=args.progress_interval)
     clients: list[httpx.Client] = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port_c})
@@ -280,10 +283,12 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         stats_after = model.stats.remote().result(timeout_s=60)
         out["c_replica"] = {  # inside the model replica, per request: its pipeline call, its progress calls
             "pipeline_mean_s": round((stats_after["busy_s"] - stats_before["busy_s"]) / n, 4),
+            "pipeline_thread_cpu_mean_s": round((stats_after["busy_cpu_s"] - stats_before["busy_cpu_s"]) / n, 4),
             "report_calls": round((stats_after["report_calls"] - stats_before["report_calls"]) / n, 2),
             "threads": stats_after["threads"], "run_threads": stats_after["run_threads"]}
         out["c_ray_serve_mean_s"] = round(statistics.mean(times["c_ray_serve"]), 4)
         out["a_engine_mean_s"] = round(statistics.mean(times["a_engine"]), 4)
+        out["a_engine_thread_cpu_mean_s"] = round(statistics.mean(engine_cpu[-n:]), 4)
         idle_wall = sum(sum(times[k]) for k in own)
         idle_cores = sum(sum(ray_cpu[k].values()) for k in own) / idle_wall if idle_wall else 0.0
         by_name: dict[str, float] = {}
@@ -336,8 +341,9 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
               f"{out['ray_idle_cores']:.3f} cores): {parts}", flush=True)
     rep = out.get("c_replica")
     if rep:
-        print(f"  (c) inside the replica: pipeline call {rep['pipeline_mean_s']:.3f} s (mean; (a) "
-              f"{out['a_engine_mean_s']:.3f} s, (c) end to end {out['c_ray_serve_mean_s']:.3f} s), "
+        print(f"  (c) inside the replica: pipeline call {rep['pipeline_mean_s']:.3f} s, its thread's CPU "
+              f"{rep['pipeline_thread_cpu_mean_s']:.3f} s (means; (a) {out['a_engine_mean_s']:.3f} s and "
+              f"{out['a_engine_thread_cpu_mean_s']:.3f} s; (c) end to end {out['c_ray_serve_mean_s']:.3f} s), "
               f"{rep['report_calls']:g} progress calls per request, torch threads {rep['run_threads']}", flush=True)
     print(f"  Ray Serve overhead: {out['overhead_vs_in_process']:+.1%} vs in process ({(c - a) * 1000:+.0f} ms), "
           f"{out['overhead_vs_kandinsky_serve']:+.1%} vs kandinsky serve ({(c - b) * 1000:+.0f} ms); kandinsky serve "
@@ -400,7 +406,8 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
             options = ServeOptions(server=ServerConfig(queue_size=args.requests, log_level="warning",
                                                        limits=Limits(max_steps=1000)),
                                    replicas=replicas, num_cpus_per_replica=args.cpus_per_replica,
-                                   threads_per_replica=1, num_cpus_per_ingress=0.05)
+                                   threads_per_replica=1, num_cpus_per_ingress=0.05,
+                                   progress_interval_s=args.progress_interval)
             serve.run(build_app(options), name="kandinsky", route_prefix="/")
             with httpx.Client(base_url=url, timeout=600) as c:
                 while c.get("/healthz").json()["model"] != "ready":
@@ -469,6 +476,8 @@ def bench_batch(args: argparse.Namespace, address: str) -> dict[str, Any]:
 
 
 def main() -> int:
+    from kandinsky.ray.app import ServeOptions
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=64, help="requests / prompt lines (default 64)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
@@ -481,6 +490,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="overhead: torch threads of each of (a), (b) and the replica of (c) (default 1)")
     p.add_argument("--part", choices=("all", "overhead", "serve", "batch"), default="all")
+    p.add_argument("--progress-interval", type=float, default=ServeOptions.progress_interval_s,
+                   help=f"Serve's progress_interval_s (default {ServeOptions.progress_interval_s})")
     p.add_argument("--worker-niceness", type=int, default=0,
                    help="niceness of the local cluster's workers (default 0, as `kandinsky ray serve` starts them; "
                         "-1: Ray's default, 15)")

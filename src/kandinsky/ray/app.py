@@ -34,7 +34,9 @@ class ServeOptions:
     ``replicas`` is a fixed count; ``min_replicas``/``max_replicas`` (both given) autoscale instead, on the jobs
     waiting per replica. ``threads_per_replica`` defaults to the whole CPUs of a replica (at least 1).
     ``max_batch_size`` > 1 batches compatible txt2img requests (default: 1, off, on CPU replicas; 4 on GPU
-    replicas), waiting up to ``batch_wait_timeout_s`` for a batch to fill.
+    replicas), waiting up to ``batch_wait_timeout_s`` for a batch to fill. ``progress_interval_s``: a replica's
+    sampler steps closer together than this reach the job store in one call (see
+    :class:`~kandinsky.ray.model.StoreReporter`).
     """
 
     model: ModelChoice = field(default_factory=ModelChoice)
@@ -47,6 +49,7 @@ class ServeOptions:
     threads_per_replica: int | None = None
     max_batch_size: int | None = None
     batch_wait_timeout_s: float = 0.05
+    progress_interval_s: float = 0.1
     ingress_replicas: int = 1
     num_cpus_per_ingress: float = 0.1
     max_ongoing_per_ingress: int = 256  # open requests per ingress replica (waiting ones and event streams count)
@@ -61,7 +64,8 @@ class ServeOptions:
         if self.autoscaling and not (0 <= self.min_replicas <= self.max_replicas and self.max_replicas >= 1):
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
                              f"{self.min_replicas} and {self.max_replicas}")
-        for name in ("num_cpus_per_replica", "num_gpus_per_replica", "num_cpus_per_ingress", "batch_wait_timeout_s"):
+        for name in ("num_cpus_per_replica", "num_gpus_per_replica", "num_cpus_per_ingress", "batch_wait_timeout_s",
+                     "progress_interval_s"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.threads_per_replica is not None and self.threads_per_replica < 1:
@@ -140,7 +144,8 @@ def build_app(options: ServeOptions | None = None) -> Any:
 
     options = (options or ServeOptions()).validate()
     model = serve.deployment(ModelReplica, name=MODEL_DEPLOYMENT, **options.model_deployment_options()).bind(
-        options.model, options.threads(), options.batch_size(), options.batch_wait_timeout_s)
+        options.model, options.threads(), options.batch_size(), options.batch_wait_timeout_s,
+        options.progress_interval_s)
     store = DeploymentActorConfig(name=STORE, actor_class=ray.remote(JobStore), actor_options={"num_cpus": 0},
                                   init_kwargs={"config": options.server, "model_deployment": MODEL_DEPLOYMENT,
                                                "slots": options.slots()})

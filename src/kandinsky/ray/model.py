@@ -47,9 +47,11 @@ class StoreReporter:
     interval = 0.1  # seconds: steps closer together than this share one call
 
     def __init__(self, store: Any, key: str, where: dict[str, Any] | None = None,
-                 preview_every: int | None = None) -> None:
+                 preview_every: int | None = None, interval: float | None = None) -> None:
         self.store, self.key, self.where = store, key, where
         self.preview_every = preview_every
+        if interval is not None:
+            self.interval = float(interval)
         self.cancelled = False
         self.calls = 0  # report calls made (for tests and benchmarks)
         self._in_flight: Any = None  # the answer of the call on its way
@@ -126,11 +128,13 @@ def _replica_id() -> str | None:
 
 
 class ModelReplica:
-    """One Serve replica: loads the model once (``choice``) with ``threads`` torch threads, then runs jobs."""
+    """One Serve replica: loads the model once (``choice``) with ``threads`` torch threads, then runs jobs
+    (reporting progress at most every ``progress_interval_s`` seconds while a loop's steps come faster)."""
 
     def __init__(self, choice: ModelChoice | None = None, threads: int | None = None, max_batch_size: int = 1,
-                 batch_wait_timeout_s: float = 0.05) -> None:
+                 batch_wait_timeout_s: float = 0.05, progress_interval_s: float = StoreReporter.interval) -> None:
         self.threads = set_threads(threads)
+        self.progress_interval_s = progress_interval_s
         self.engine = PipelineEngine(choice or ModelChoice())
         self.engine.load()
         self.description = describe(self.engine)
@@ -140,6 +144,7 @@ class ModelReplica:
         self.run_threads: int | None = None  # torch threads seen by the last job's thread
         self.report_calls = 0  # progress calls to the job store so far
         self.busy_s = 0.0  # seconds in pipeline calls so far
+        self.busy_cpu_s = 0.0  # CPU seconds of the threads that made them
         self._batched = None
         if max_batch_size > 1:
             from ray import serve
@@ -154,9 +159,10 @@ class ModelReplica:
     def stats(self) -> dict[str, Any]:
         """Batch sizes run so far (``{size: count}``), the pid, the thread count (as set, and as seen by the
         thread that ran the last job), the progress calls made to the job store and the seconds spent in
-        pipeline calls (what a request's time through Serve is compared with)."""
+        pipeline calls, wall and CPU (what a request's time through Serve is compared with)."""
         return {"batch_sizes": dict(self.batch_sizes), "pid": os.getpid(), "threads": self.threads,
-                "run_threads": self.run_threads, "report_calls": self.report_calls, "busy_s": self.busy_s}
+                "run_threads": self.run_threads, "report_calls": self.report_calls, "busy_s": self.busy_s,
+                "busy_cpu_s": self.busy_cpu_s}
 
     async def run(self, job: Job, key: str, store: Any, preview_every: int | None = None
                   ) -> list[tuple[Any, dict[str, Any]]]:
@@ -177,12 +183,13 @@ class ModelReplica:
 
         self.batch_sizes[1] += 1
         self.run_threads = torch.get_num_threads()  # in the thread that runs the job, not the constructor's
-        reporter = StoreReporter(store, key, self.where, preview_every)
-        start = time.perf_counter()
+        reporter = StoreReporter(store, key, self.where, preview_every, self.progress_interval_s)
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             return [tuple(o) for o in self.engine.run(job, reporter)]
         finally:
             self.busy_s += time.perf_counter() - start
+            self.busy_cpu_s += time.thread_time() - cpu
             reporter.flush()
             self.report_calls += reporter.calls
 
@@ -208,7 +215,8 @@ class ModelReplica:
                 except JobCancelled:
                     results[i] = _Cancelled()
                 continue
-            reporters = [StoreReporter(items[i][2], items[i][1], self.where, items[i][3]) for i in members]
+            reporters = [StoreReporter(items[i][2], items[i][1], self.where, items[i][3], self.progress_interval_s)
+                         for i in members]
 
             def progress(j: int, stage: str, done: int, total: int, latents: Any,
                          reporters: list[StoreReporter] = reporters) -> None:
@@ -218,13 +226,14 @@ class ModelReplica:
                     pass
 
             self.batch_sizes[len(members)] += 1
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 with self.engine._lock:  # the engine's own lock: one pipeline call at a time
                     outputs = run_batched(self.engine.pipe, [items[i][0] for i in members], self.engine.model,
                                           progress)
             finally:
                 self.busy_s += time.perf_counter() - start
+                self.busy_cpu_s += time.thread_time() - cpu
                 for reporter in reporters:
                     reporter.flush()
                     self.report_calls += reporter.calls
