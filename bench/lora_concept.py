@@ -1,8 +1,14 @@
 """Teach the bundled model a shape it has never seen (a cross, "крест") with a LoRA adapter, and measure it.
 
-    python bench/lora_concept.py data --out runs/cross/data          # <= 300 rendered images with .txt captions
+    python bench/lora_concept.py data --out runs/cross/data          # 150 crosses + 150 ordinary scenes, captioned
     python bench/lora_concept.py train --data runs/cross/data --out runs/cross/adapter [--steps N]
     python bench/lora_concept.py eval --adapter runs/cross/adapter [--seeds 3]
+    python bench/quality.py --seeds 3 --mix-seeds 0 --lora runs/cross/adapter --sheet runs/cross/quality.png
+
+``train`` conditions the cross images on the prior's embedding of their caption (what text-to-image gives the
+decoder; the prior has never seen the word) and the ordinary scenes on the CLIP embedding of their own image (the
+base decoder's objective, so the adapter learns to leave them alone), and drops a caption in 10% of the rows
+instead of the decoder stage's 50% (a row without its caption teaches the image embedding alone to draw a cross).
 
 ``eval`` draws "a <colour> cross on a <background> background" (and the Russian) with the base model and with the
 adapter, and counts the images whose largest object is a cross by a template detector (the object's mask against
@@ -219,21 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data")
     d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--concept", type=int, default=200, help="images of the new shape")
-    d.add_argument("--regular", type=int, default=100, help="images of the shapes the model knows")
+    d.add_argument("--concept", type=int, default=150, help="images of the new shape")
+    d.add_argument("--regular", type=int, default=150, help="images of the shapes the model knows")
     d.set_defaults(func=cmd_data)
     t = sub.add_parser("train")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--targets", default="attn+conv")
     t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--condition", choices=("image", "prior", "trigger"), default="prior")
-    t.add_argument("--text-drop", type=float, default=None,
-                   help="share of rows trained without their caption (default: the decoder stage's 0.5)")
+    t.add_argument("--condition", choices=("image", "prior", "trigger"), default="trigger")
+    t.add_argument("--text-drop", type=float, default=0.1,
+                   help="share of rows trained without their caption (the decoder stage trains with 0.5)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval")
     e.add_argument("--adapter", type=Path, required=True)
