@@ -24,6 +24,15 @@ import numpy as np
 import torch
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM, since ``ru_maxrss`` carries the parent's peak over exec."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _decode_once(decoder: Path, size: int, tiled: bool, tile: int, threads: int | None) -> dict:
     from kandinsky.models.movq import MoVQ, MoVQConfig
     from kandinsky.weights.diffusers_format import DIFFUSERS_WEIGHTS, _build, _load_component
@@ -35,13 +44,13 @@ def _decode_once(decoder: Path, size: int, tiled: bool, tile: int, threads: int 
                            decoder / "movq", DIFFUSERS_WEIGHTS, dtype=torch.float32, device="cpu")
     f = movq.config.downscale_factor
     z = torch.randn(1, movq.config.latent_channels, size // f, size // f, generator=torch.Generator().manual_seed(0))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _peak_rss_mb()
     t, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = movq.decode_tiled(z, tile=tile) if tiled else movq.decode(z)
     return {"mode": "tiled" if tiled else "plain", "size": size, "seconds": round(time.perf_counter() - t, 1),
             "cpu_seconds": round(time.process_time() - cpu, 1), "rss_before_mb": round(base),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": round(_peak_rss_mb()),
             "finite": bool(torch.isfinite(out).all())}
 
 
