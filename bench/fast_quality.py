@@ -4,15 +4,26 @@ For every configuration (decoder sampler and steps, prior steps, partial guidanc
 ``bench/quality.py`` are generated with the same seeds, scored by its attribute checker (``check``), and compared
 pixel by pixel with the reference configuration (100 DDIM decoder steps, 25 prior steps: diffusers' defaults).
 The prior and the decoder get separate generators (seed, seed + 1000003), so that every configuration starts the
-decoder from the same noise and the pixel distance measures the sampler, not a shifted random stream.
+decoder from the same noise and the pixel distance measures the sampler, not a shifted random stream. Guidance
+scales are the model's defaults (``resolve``), as a user of the preset gets them.
 
-    python bench/fast_quality.py [--decoder DIR --prior DIR] [--configs ref unipc20 ...] [--json out.json]
+``--seeds N`` runs seeds S .. S+N-1 (S = ``--seed``) and reports per configuration the attribute accuracy
+averaged over the seeds, its spread (sample standard deviation over seeds), the mean paired difference to the
+reference with its standard error, the pixel distance, the decoder UNet evaluations per image (a guided step
+counts 2, an unguided one 1) and the process CPU seconds per seed (after a warm-up generation).
+``--cache DIR`` keeps each configuration's images per seed (keyed by its resolved settings and the model folders)
+and reuses them, with their CPU seconds, on later runs.
+
+    python bench/fast_quality.py [--decoder DIR --prior DIR] [--configs ref unipc20 ...] [--seeds 6]
+                                 [--threads 1] [--cache DIR] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import resource
 import sys
 import time
@@ -53,22 +64,51 @@ CONFIGS: dict[str, dict] = {
     "unipc20k-dc2": dict(sampler="unipc_karras", steps=20, prior_steps=25, deep_cache=2),
     "fast": dict(preset="fast"),
 }
+# 8-16 decoder steps: name = solver + steps + spacing (k Karras, e exponential, none: diffusers' default) + prior
+_SOLVER_TAGS = {"unipc": "unipc", "unipc3": "unipc3-", "dpmpp_2m": "dpmpp", "dpmpp_2m_sde": "sde"}
+for _solver, _tag in _SOLVER_TAGS.items():
+    for _steps in (8, 10, 12, 16):
+        for _spacing, _letter in (("", ""), ("_karras", "k"), ("_exponential", "e")):
+            for _prior in (10, 5):
+                CONFIGS[f"{_tag}{_steps}{_letter}-p{_prior}"] = dict(sampler=_solver + _spacing, steps=_steps,
+                                                                    prior_steps=_prior)
+for _steps in (10, 12, 16):  # cheaper guidance: classifier-free guidance on the first part of the steps only
+    for _until in (0.5, 0.7, 0.8):
+        CONFIGS[f"unipc{_steps}k-p10-cfg{_until}"] = dict(sampler="unipc_karras", steps=_steps, prior_steps=10,
+                                                         cfg_until=_until)
+# the focused set run by default (docs/benchmarks.md, "Fewer steps: 8-16 decoder steps")
+SWEEP = ["ddim100", "fast", "unipc16k-p10", "unipc12k-p10", "unipc10k-p10", "unipc8k-p10", "unipc12k-p5",
+         "unipc10k-p5", "unipc3-12k-p10", "unipc3-10k-p10", "dpmpp12k-p10", "dpmpp10k-p10", "sde12k-p10",
+         "unipc12e-p10", "unipc16k-p10-cfg0.7", "unipc12k-p10-cfg0.8"]
+SETTINGS = ("sampler", "steps", "prior_steps", "guidance_scale", "prior_guidance_scale", "cfg_until", "deep_cache")
 
 
-def generate(pipe, config: dict, batch: int, seed: int) -> tuple[list[np.ndarray], float]:
-    """Images (uint8) for all quality prompts under ``config``, and the process CPU seconds it took."""
+def resolved(pipe, config: dict) -> dict:
+    """The configuration's full sampling settings (preset and model defaults filled in)."""
     config = dict(config)
-    prior_steps = config.pop("prior_steps", None)
-    if config.get("preset") and prior_steps is None:
-        prior_steps = pipe.resolve("decoder", preset=config["preset"], prior_steps=None)["prior_steps"]
+    preset = config.pop("preset", None)
+    return pipe.resolve("decoder", preset=preset, **{k: config.get(k) for k in SETTINGS})
+
+
+def decoder_evals(settings: dict) -> int:
+    """Decoder UNet evaluations per image: a guided step runs the conditional and the unconditional half."""
+    steps = settings["steps"]
+    guided = math.ceil(settings["cfg_until"] * steps) if settings["guidance_scale"] > 1 else 0
+    return 2 * guided + (steps - guided)
+
+
+def generate(pipe, settings: dict, batch: int, seed: int) -> tuple[list[np.ndarray], float]:
+    """Images (uint8) for all quality prompts under the resolved ``settings``, and the process CPU seconds."""
+    decoder = {k: settings[k] for k in ("sampler", "steps", "guidance_scale", "cfg_until", "deep_cache")}
     all_cases = cases(seed)
     images = []
     cpu = time.process_time()
     for start in range(0, len(all_cases), batch):
         prompts = [c.prompt for c in all_cases[start: start + batch]]
-        emb = pipe.prior_embeds(prompts, steps=prior_steps or 25, seed=seed + start)
+        emb = pipe.prior_embeds(prompts, steps=settings["prior_steps"],
+                                guidance_scale=settings["prior_guidance_scale"], seed=seed + start)
         out = pipe.text_to_image(prompts, image_embeds=emb.image, negative_image_embeds=emb.negative,
-                                 seed=seed + start + 1000003, output="np", **config)
+                                 seed=seed + start + 1000003, output="np", **decoder)
         images += [(img * 255).round().astype(np.uint8) for img in out]
     return images, time.process_time() - cpu
 
@@ -84,18 +124,42 @@ def score(images: list[np.ndarray], seed: int) -> dict:
     return {"colour": colour, "shape": shape, "attribute": (colour + shape) / 2}
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def markdown(results: dict[str, dict]) -> str:
+    """The results as a markdown table (percentages and points)."""
+    lines = ["| configuration | sampler | decoder steps | prior steps | guided steps | decoder UNet evals | attribute "
+             "(mean ± sd over seeds) | Δ vs DDIM 100 (± se) | worst seed Δ | pixel distance | CPU s per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        s = r["settings"]
+        guided = math.ceil(s["cfg_until"] * s["steps"])
+        lines.append(f"| {name} | {s['sampler']} | {s['steps']} | {s['prior_steps']} | {guided} | "
+                     f"{r['decoder_evals']} | {100 * r['attribute']:.1f} ± {100 * r['attribute_sd']:.1f} | "
+                     f"{100 * r['delta']:+.1f} (± {100 * r['delta_se']:.1f}) | {100 * r['delta_min']:+.1f} | "
+                     f"{r['pixel_distance']:.2f} | {r['cpu_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decoder", type=Path, default=None)
     ap.add_argument("--prior", type=Path, default=None)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=SWEEP, choices=list(CONFIGS), metavar="NAME",
+                    help=f"configurations (default: the focused sweep); all: {', '.join(CONFIGS)}")
     ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed + 1, ...)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--cache", type=Path, default=None, help="keep each configuration's images here (npz) and "
-                    "reuse them on later runs (same model and seed only)")
+    ap.add_argument("--markdown", action="store_true", help="also print the results as a markdown table")
+    ap.add_argument("--cache", type=Path, default=None, help="keep each configuration's images here (npz, per "
+                    "seed) and reuse them on later runs")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -103,35 +167,64 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = (Kandinsky21.from_pretrained(decoder=args.decoder, prior=args.prior) if args.decoder
             else Kandinsky21.from_pretrained())
+    seeds = list(range(args.seed, args.seed + args.seeds))
     names = [REFERENCE] + [n for n in args.configs if n != REFERENCE]
+    model = f"{args.decoder or 'bundled'}|{args.prior or 'bundled'}"
+    warm = False
     results: dict[str, dict] = {}
-    ref_images: list[np.ndarray] | None = None
-    print(f"{'config':<16} {'colour':>7} {'shape':>7} {'attr':>7} {'Δattr':>7} {'pixel dist':>10} {'CPU s':>7}")
+    ref_images: dict[int, list[np.ndarray]] = {}
+    print(f"seeds {seeds[0]}..{seeds[-1]}; torch threads {torch.get_num_threads()}")
+    print(f"{'config':<22} {'evals':>5} {'attr':>6} {'sd':>5} {'Δattr':>6} {'±se':>5} {'min Δ':>6} {'colour':>6} "
+          f"{'shape':>6} {'pixel':>6} {'CPU s':>6}")
     for name in names:
-        cached = args.cache / f"{name}-seed{args.seed}.npz" if args.cache else None
-        if cached is not None and cached.is_file():  # images of an earlier run of the same model and seed
-            data = np.load(cached)
-            images, cpu = list(data["images"]), float(data["cpu"])
-        else:
-            images, cpu = generate(pipe, CONFIGS[name], args.batch, args.seed)
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(cached, images=np.stack(images), cpu=cpu)
-        if ref_images is None:
-            ref_images = images
-        row = score(images, args.seed)
-        row["pixel_distance"] = float(np.mean([np.abs(a.astype(np.float32) - b).mean()
-                                               for a, b in zip(images, ref_images, strict=True)]))
-        row["cpu_seconds"] = round(cpu, 1)
-        row["config"] = CONFIGS[name]
-        results[name] = row
-        delta = 100 * (row["attribute"] - results[REFERENCE]["attribute"])
-        print(f"{name:<16} {100 * row['colour']:6.1f}% {100 * row['shape']:6.1f}% {100 * row['attribute']:6.1f}% "
-              f"{delta:+6.1f} {row['pixel_distance']:10.2f} {cpu:7.1f}", flush=True)
+        settings = resolved(pipe, CONFIGS[name])
+        key = hashlib.sha1(json.dumps([settings, model], sort_keys=True).encode()).hexdigest()[:10]
+        per_seed = []
+        for seed in seeds:
+            cached = args.cache / f"{name}-{key}-seed{seed}.npz" if args.cache else None
+            if cached is not None and cached.is_file():  # images of an earlier run of the same settings and seed
+                data = np.load(cached)
+                images, cpu = list(data["images"]), float(data["cpu"])
+            else:
+                if not warm:  # first-call costs (weight packing, page-ins) stay out of the timings
+                    pipe.text_to_image("a red circle", steps=2, prior_steps=2, seed=0, output="np")
+                    warm = True
+                images, cpu = generate(pipe, settings, args.batch, seed)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(cached, images=np.stack(images), cpu=cpu)
+            ref = ref_images.setdefault(seed, images)
+            row = score(images, seed)
+            row["pixel_distance"] = float(np.mean([np.abs(a.astype(np.float32) - b).mean()
+                                                   for a, b in zip(images, ref, strict=True)]))
+            row["cpu_seconds"] = round(cpu, 1)
+            row["seed"] = seed
+            per_seed.append(row)
+        attr, sd = _mean_sd([r["attribute"] for r in per_seed])
+        ref_rows = results[REFERENCE]["per_seed"] if name != REFERENCE else per_seed
+        deltas = [r["attribute"] - q["attribute"] for r, q in zip(per_seed, ref_rows, strict=True)]
+        delta, delta_sd = _mean_sd(deltas)
+        results[name] = {
+            "config": CONFIGS[name], "settings": settings, "decoder_evals": decoder_evals(settings),
+            "seeds": seeds, "attribute": attr, "attribute_sd": sd, "delta": delta,
+            "delta_se": delta_sd / math.sqrt(len(seeds)), "delta_min": min(deltas), "delta_max": max(deltas),
+            "colour": float(np.mean([r["colour"] for r in per_seed])),
+            "shape": float(np.mean([r["shape"] for r in per_seed])),
+            "pixel_distance": float(np.mean([r["pixel_distance"] for r in per_seed])),
+            "cpu_seconds": float(np.mean([r["cpu_seconds"] for r in per_seed])), "per_seed": per_seed,
+        }
+        r = results[name]
+        print(f"{name:<22} {r['decoder_evals']:5d} {100 * attr:6.1f} {100 * sd:5.1f} {100 * delta:+6.1f} "
+              f"{100 * r['delta_se']:5.1f} {100 * r['delta_min']:+6.1f} {100 * r['colour']:6.1f} "
+              f"{100 * r['shape']:6.1f} {r['pixel_distance']:6.2f} {r['cpu_seconds']:6.1f}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; pixel distance: mean "
-          "|image - reference| on 0..255, per channel")
+    if args.markdown:
+        print(markdown(results))
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; attr: mean over seeds of "
+          "the mean of colour and shape accuracy (%), sd over seeds; Δattr: mean paired difference to the reference "
+          "(points) ± its standard error, min Δ the worst seed; pixel: mean |image - reference| on 0..255; CPU s: "
+          "process CPU seconds per seed (120 images, prior + decoder)")
     return 0
 
 
