@@ -65,9 +65,12 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--targets", choices=("attn", "attn+conv", "all"), default="attn",
                    help="layers the adapter changes (default: attention projections)")
-    p.add_argument("--condition", choices=("image", "prior"), default="image",
-                   help="decoder image embedding while training: the training image's CLIP embedding (default), or "
-                        "the prior's sample for the caption (teaches words the prior does not know)")
+    p.add_argument("--condition", choices=("image", "prior", "trigger"), default="image",
+                   help="decoder image embedding while training: the training image's CLIP embedding (default), "
+                        "the prior's sample for the caption (teaches words the prior does not know), or trigger: "
+                        "the prior's sample for captions with a --trigger word, the image's embedding for the rest")
+    p.add_argument("--text-drop", type=float, default=None, metavar="P",
+                   help="share of decoder rows trained without their caption (default: the decoder stage's)")
     p.add_argument("--trigger", action="append", default=[], metavar="WORD",
                    help="trigger word(s) recorded in the adapter's metadata (repeatable)")
 
@@ -122,7 +125,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                            mixed_precision=args.mixed_precision, device=args.device, seed=args.seed,
                            save_every=args.save_every, progress=not args.no_progress, lora=args.lora,
                            rank=args.rank, alpha=args.alpha, targets=args.targets, trigger_words=tuple(args.trigger),
-                           condition=args.condition)
+                           condition=args.condition, text_drop=args.text_drop)
     data = args.data or args.data_pos
     if data is None:
         raise ValueError("give the training data (DATA or --data)")
