@@ -23,7 +23,7 @@ average is printed again after each stage.
 each in a fresh process (the model built in that process; before and peak, MB).
 
     PYTHONPATH=src python bench/stages.py --size 256 --movq-sizes 256 512 --steps 2 --repeats 3 --rss
-    PYTHONPATH=src python bench/stages.py --only movq --movq-sizes 512 --repeats 5
+    PYTHONPATH=src python bench/stages.py --only movq --movq-sizes 512 --repeats 5 [--movq-bf16]
 """
 
 from __future__ import annotations
@@ -278,13 +278,25 @@ def movq_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     return share(ours, ref), ref
 
 
-def movq_stages(table: Table, sizes: list[int]) -> None:
+def movq_stages(table: Table, sizes: list[int], bf16: bool = False) -> None:
     ours, ref = movq_pair()
     g = torch.Generator().manual_seed(0)
     for size in sizes:
         z = torch.randn(1, 4, size // 8, size // 8, generator=g)
         table.compare(f"MoVQ decode, {size}²", lambda z=z: ours.decode(z),
                       lambda z=z: ref.decode(z, force_not_quantize=True).sample)
+    if bf16:  # ours in bfloat16 (what precision="auto" picks where the CPU computes it natively) vs diffusers fp32
+        from kandinsky.models.movq import MoVQ
+
+        with torch.device("meta"):
+            half = MoVQ(ours.config)
+        half.load_state_dict({k: v.bfloat16() for k, v in ref.state_dict().items()}, assign=True)
+        half.eval().requires_grad_(False)
+        for size in sizes:
+            z = torch.randn(1, 4, size // 8, size // 8, generator=g)
+            table.compare(f"MoVQ decode, {size}², ours bf16 vs diffusers fp32", lambda z=z: half.decode(z.bfloat16()),
+                          lambda z=z: ref.decode(z, force_not_quantize=True).sample)
+        del half
     for size in sizes:
         pixels = torch.rand(1, 3, size, size, generator=g) * 2 - 1
         table.compare(f"MoVQ encode (img2img), {size}²", lambda p=pixels: ours.encode(p),
@@ -337,6 +349,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--rss", action="store_true", help="peak RSS of one MoVQ decode at the largest size")
+    parser.add_argument("--movq-bf16", action="store_true",
+                        help="also time ours' MoVQ decode in bfloat16 (against diffusers in fp32)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--rss-child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,14 +372,14 @@ def main() -> None:
     table = Table(args.repeats)
     stages = {"text": [clip_text_stage, mclip_stage, clip_vision_stage],
               "prior": [lambda t: prior_stage(t, args.steps)], "unet": [lambda t: unet_stage(t, args.steps, args.size)],
-              "movq": [lambda t: movq_stages(t, args.movq_sizes)]}
+              "movq": [lambda t: movq_stages(t, args.movq_sizes, args.movq_bf16)]}
     for name in args.only:
         for stage in stages[name]:
             stage(table)  # its modules are freed when it returns
             gc.collect()
     print(f"\nload average at the end: {load()}")
     for row in table.rows:
-        if row["stage"].startswith("MoVQ decode"):
+        if row["stage"].startswith("MoVQ decode") and "bf16" not in row["stage"]:
             print(f"{row['stage']}: ours / diffusers = {row['ratio_wall']:.3f} wall, {row['ratio_cpu']:.3f} CPU time "
                   f"(target <= 0.5 at 512²)")
     rss = rss_compare(max(args.movq_sizes), args.threads) if args.rss else []
